@@ -1,0 +1,100 @@
+"""Measure an early-exit model on traffic: FLOPs, agreement, accuracy, exit rates and CPU latency ratios."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .runtime import FINAL
+
+
+@dataclass
+class Evaluation:
+    """Numbers of one evaluation run (latency ratios are early-exit time / backbone time, same run)."""
+
+    num_samples: int
+    flops_fraction: float
+    agreement: float
+    accuracy_backbone: float | None
+    accuracy_early_exit: float | None
+    exit_rates: dict[str, float]
+    exit_agreement: dict[str, float]
+    exit_accuracy: dict[str, float | None]
+    latency_ratio_b1: float | None
+    latency_ratio_b32: float | None
+    backbone_ms_b1: float | None
+    tolerance: float | None
+
+
+def _cost_per_exit(ee) -> np.ndarray:
+    """FLOPs of a sample answered at each active exit (last entry: answered by the backbone)."""
+    remaining = {c.name: c.remaining_flops for c in ee.candidates}
+    spent_heads, costs = 0, []
+    for layer in ee.thresholds:
+        spent_heads += ee.head_flops[layer]
+        costs.append(ee.backbone_flops - remaining[layer] + spent_heads)
+    return np.array(costs + [ee.backbone_flops + spent_heads], dtype=np.float64)
+
+
+def _latency_ratio(ee, inputs: torch.Tensor, batch_size: int, max_batches: int) -> tuple[float, float]:
+    """(early-exit / backbone wall time, backbone ms per batch), alternating the two to share machine noise."""
+    batches = [inputs[i:i + batch_size] for i in range(0, len(inputs) - batch_size + 1, batch_size)][:max_batches]
+    if not batches:
+        return float("nan"), float("nan")
+    with torch.no_grad():
+        ee.backbone(batches[0]), ee(batches[0])  # warm-up
+        plain = early = 0.0
+        for i, x in enumerate(batches):
+            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+                start = time.perf_counter()
+                ee.backbone(x) if which == 0 else ee(x)
+                elapsed = time.perf_counter() - start
+                plain, early = (plain + elapsed, early) if which == 0 else (plain, early + elapsed)
+    return early / plain, 1000 * plain / len(batches)
+
+
+def evaluate(ee, loader, latency: bool = True, latency_samples: int = 256, progress: bool = True) -> Evaluation:
+    """Run ``ee`` and the plain backbone over ``loader`` (batches ``x`` or ``(x, labels, ...)``)."""
+    costs = _cost_per_exit(ee)
+    names = list(ee.thresholds) + ["final"]
+    exits, agree, hits_bb, hits_ee, labels_all, kept_inputs = [], [], [], [], [], []
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="evaluate", disable=not progress):
+            x, labels = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1] if len(batch) > 1 else None)
+            reference = ee.backbone(x).argmax(1)
+            out = ee(x)
+            exits.append(out.exit.numpy())
+            agree.append((out.predictions == reference).numpy())
+            if labels is not None:
+                labels_all.append(labels.numpy())
+                hits_bb.append((reference == labels).numpy())
+                hits_ee.append((out.predictions == labels).numpy())
+            if latency and sum(len(k) for k in kept_inputs) < max(latency_samples, 32 * 8):
+                kept_inputs.append(x)
+    if not exits:
+        raise ValueError("nothing to evaluate: the data is empty")
+    exit_idx = np.concatenate(exits)
+    position = np.where(exit_idx == FINAL, len(names) - 1, exit_idx)
+    agree_all = np.concatenate(agree)
+    labelled = bool(labels_all) and (np.concatenate(labels_all) >= 0).all()
+    hit_ee = np.concatenate(hits_ee) if labelled else None
+    by_exit = {name: position == k for k, name in enumerate(names)}
+    result = Evaluation(
+        num_samples=len(exit_idx),
+        flops_fraction=float(costs[position].mean() / ee.backbone_flops),
+        agreement=float(agree_all.mean()),
+        accuracy_backbone=float(np.concatenate(hits_bb).mean()) if labelled else None,
+        accuracy_early_exit=float(hit_ee.mean()) if labelled else None,
+        exit_rates={n: float(m.mean()) for n, m in by_exit.items()},
+        exit_agreement={n: float(agree_all[m].mean()) if m.any() else float("nan") for n, m in by_exit.items()},
+        exit_accuracy={n: (float(hit_ee[m].mean()) if m.any() else float("nan")) if labelled else None
+                       for n, m in by_exit.items()},
+        latency_ratio_b1=None, latency_ratio_b32=None, backbone_ms_b1=None, tolerance=ee.tolerance)
+    if latency:
+        inputs = torch.cat(kept_inputs)
+        result.latency_ratio_b1, result.backbone_ms_b1 = _latency_ratio(ee, inputs, 1, latency_samples)
+        result.latency_ratio_b32, _ = _latency_ratio(ee, inputs, 32, 8)
+    return result

@@ -1,0 +1,128 @@
+"""Per-sample forward FLOPs, measured with DeepSpeed's flops profiler.
+
+What the counts include: FLOPs exactly as DeepSpeed's ``FlopsProfiler`` reports them. DeepSpeed
+wraps ``torch.nn.functional`` (linear, conv, norms, activations, pooling, softmax,
+scaled_dot_product_attention, ...) and a few tensor methods (``torch.matmul``/``mm``/``bmm``/``addmm``,
+``torch.add``/``Tensor.add``, ``torch.mul``/``Tensor.mul``, ``einsum``), so:
+
+* convolutions and linear layers count 2 x MACs (a multiply and an add per MAC); a linear layer's
+  bias is not counted, a convolution's bias adds one FLOP per output element;
+* norms, activations and pooling count a small constant per element;
+* Python operators on tensors (``x + y``, ``x * y``, ``x += y``) are NOT counted, so residual
+  additions and squeeze-excitation scalings are missing. They are a negligible share of a CNN's
+  or transformer's cost, but the counts are a lower bound, not an exact operation count.
+
+Counting runs with the model in eval mode but under ``torch.enable_grad()`` with every floating
+parameter temporarily requiring grad: otherwise PyTorch's fused attention fast paths
+(``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``) bypass the wrapped functionals and
+their FLOPs vanish. The model is returned exactly as found: training flags, ``requires_grad``,
+hooks and attributes are restored, and no autograd graph outlives the profiled forward pass.
+All counts are for a single sample: the profiled batch is ``example_input[:1]``.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterator
+
+import torch
+from deepspeed.profiling.flops_profiler import profiler as _ds
+from torch import nn
+
+
+def count_flops(module: nn.Module, example_input: torch.Tensor) -> int:
+    """FLOPs of one forward pass of module on example_input (batch 1, taken from example_input[:1])."""
+    with _profiling(module) as prof:
+        module(_one_sample(example_input))
+        return int(prof.get_total_flops())
+
+
+def cumulative_flops(
+    model: nn.Module, example_input: torch.Tensor, layer_names: list[str]
+) -> tuple[int, dict[str, int]]:
+    """(total FLOPs of the model, {layer_name: FLOPs spent up to and including that layer's forward output}).
+
+    Forward hooks on the named submodules read the profiler's running total when they fire during one
+    profiled forward pass of ``example_input[:1]``. The FLOPs remaining after a layer are
+    ``total - cumulative[layer]``. A layer called several times is credited at its first call.
+
+    Raises:
+        ValueError: a name is not a submodule of ``model``, or a named layer never runs in forward.
+    """
+    modules = dict(model.named_modules())
+    for name in layer_names:
+        if name not in modules:
+            raise unknown_module_error(name, modules)
+    reached: dict[str, int] = {}
+
+    def record(name: str) -> None:
+        if name not in reached:
+            reached[name] = _running_total(model)
+
+    with _profiling(model) as prof:
+        # Registered after start_profile, so they fire after the profiler's own post-hook has folded
+        # the layer's FLOPs into its __flops__.
+        handles = [
+            modules[name].register_forward_hook(lambda _m, _i, _o, name=name: record(name))
+            for name in dict.fromkeys(layer_names)
+        ]
+        try:
+            model(_one_sample(example_input))
+        finally:
+            for handle in handles:
+                handle.remove()
+        total = int(prof.get_total_flops())
+    missing = [name for name in layer_names if name not in reached]
+    if missing:
+        raise ValueError(f"layer(s) {missing} never ran during the forward pass, so no FLOPs can be placed after them")
+    return total, {name: int(reached[name]) for name in layer_names}
+
+
+def unknown_module_error(name: str, modules: dict[str, nn.Module]) -> ValueError:
+    """A ValueError for a module name that is not in ``modules``, naming close matches or a few valid names."""
+    valid = [n for n in modules if n]
+    close = difflib.get_close_matches(name, valid, n=5)
+    hint = f"did you mean one of {close}?" if close else f"valid names include {valid[:8]}"
+    return ValueError(f"unknown module name {name!r}: {hint}")
+
+
+def _running_total(model: nn.Module) -> int:
+    """FLOPs counted so far in the current profiled forward pass."""
+    finished = sum(m.__flops__ for m in model.modules())
+    # Functionals called directly in a still-running forward (e.g. F.relu in the top-level forward)
+    # sit in DeepSpeed's per-module stack until that module returns.
+    pending = sum(flops for frame in _ds.module_flop_count for _, flops in frame)
+    return finished + pending
+
+
+def _one_sample(example_input: torch.Tensor) -> torch.Tensor:
+    """``example_input[:1]``, copied out of inference mode if it was made there (autograd must see it)."""
+    x = example_input[:1]
+    return x.clone() if x.is_inference() else x
+
+
+@contextlib.contextmanager
+def _profiling(model: nn.Module) -> Iterator[_ds.FlopsProfiler]:
+    """Profile ``model`` in eval mode with grad on, restoring modes, ``requires_grad`` and hooks afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    prof = _ds.FlopsProfiler(model)
+    try:
+        model.eval()
+        for p, _ in grads:
+            if p.is_floating_point() or p.is_complex():
+                p.requires_grad_(True)
+        prof.start_profile()
+        # Also outside inference mode: autograd cannot record ops on inference tensors.
+        with torch.inference_mode(False), torch.enable_grad():
+            yield prof
+    finally:
+        prof.end_profile()
+        # A forward that raised leaves its modules' frames on DeepSpeed's global stack; drop them so
+        # they cannot leak into the next count.
+        _ds.module_flop_count.clear()
+        _ds.module_mac_count.clear()
+        for p, requires_grad in grads:
+            p.requires_grad_(requires_grad)
+        for m, training in modes:
+            m.training = training

@@ -1,0 +1,84 @@
+"""Exit heads: small classifiers built from a JSON-friendly architecture spec.
+
+A spec is a plain dict, so bundles and search results can store it and rebuild the module:
+
+- ``{"kind": "pool_mlp", "pool": 4, "hidden": [256]}`` (the default): average-pool the activation
+  to at most ``pool x pool`` (token sequences are averaged over tokens), then an MLP.
+- ``{"kind": "conv_linear", "convs": [{"out": 32, "kernel": 3, "stride": 2}], "pool": 1,
+  "hidden": [128]}``: conv-BN-ReLU layers, pooling, then an MLP (the SelfXit search space).
+
+Heads end in ``num_classes`` logits. Parameter-free leading modules (pooling) form the head's
+``stem`` so that training can apply them once instead of every epoch.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+DEFAULT_HEAD = {"kind": "pool_mlp", "pool": 4, "hidden": [256]}
+KINDS = ("pool_mlp", "conv_linear")
+
+
+class TokenMean(nn.Module):
+    """Average a [B, tokens, dim] sequence over its tokens."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+def _mlp(features: int, hidden: list[int], num_classes: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(features, width), nn.ReLU()]
+        features = width
+    return layers + [nn.Linear(features, num_classes)]
+
+
+def _check_spec(spec: dict) -> dict:
+    if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
+        raise ValueError(f"head spec needs 'kind' in {KINDS}; got {spec!r}")
+    allowed = {"pool_mlp": {"kind", "pool", "hidden"}, "conv_linear": {"kind", "convs", "pool", "hidden"}}[spec["kind"]]
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ValueError(f"head spec {spec!r}: unknown keys {sorted(unknown)}; allowed {sorted(allowed)}")
+    hidden = spec.get("hidden", [])
+    if not all(isinstance(h, int) and h > 0 for h in hidden):
+        raise ValueError(f"head spec 'hidden' must be positive ints; got {hidden!r}")
+    return spec
+
+
+def build_head(spec: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    """Build a head for activations of per-sample shape ``in_shape`` (C,H,W), (tokens, dim) or (dim,)."""
+    spec = _check_spec(copy.deepcopy(spec))
+    hidden = list(spec.get("hidden", []))
+    if len(in_shape) == 1:
+        return nn.Sequential(*_mlp(in_shape[0], hidden, num_classes))
+    if len(in_shape) == 2:
+        return nn.Sequential(TokenMean(), *_mlp(in_shape[1], hidden, num_classes))
+    if len(in_shape) != 3:
+        raise ValueError(f"cannot build a head for activation shape {in_shape}; expected (C,H,W), (tokens,dim) or (dim,)")
+    channels, height, width = in_shape
+    layers: list[nn.Module] = []
+    for conv in spec.get("convs", []) if spec["kind"] == "conv_linear" else []:
+        out, kernel, stride = int(conv["out"]), int(conv.get("kernel", 3)), int(conv.get("stride", 1))
+        if kernel > height + 2 * (kernel // 2) or stride > height:
+            raise ValueError(f"conv {conv} does not fit a {height}x{width} activation")
+        layers += [nn.Conv2d(channels, out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+        channels = out
+        height, width = (height + 2 * (kernel // 2) - kernel) // stride + 1, (width + 2 * (kernel // 2) - kernel) // stride + 1
+    pool = int(spec.get("pool", 1))
+    grid = (min(pool, height), min(pool, width))
+    layers += [nn.AdaptiveAvgPool2d(grid), nn.Flatten()]
+    return nn.Sequential(*layers, *_mlp(channels * grid[0] * grid[1], hidden, num_classes))
+
+
+def split_stem(head: nn.Sequential) -> tuple[nn.Sequential, nn.Sequential]:
+    """(leading parameter-free modules, the rest): the stem can be applied once to training data."""
+    cut = 0
+    for module in head:
+        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            break
+        cut += 1
+    return head[:cut], head[cut:]

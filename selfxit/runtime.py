@@ -1,0 +1,158 @@
+"""Early-exit inference with batch shrinking, driven by forward hooks on the frozen backbone.
+
+Each active exit is a forward hook on its backbone layer. The hook runs the exit's head on the
+layer's output; samples whose calibrated confidence reaches the threshold are answered there and
+removed from the batch (the hook returns the smaller tensor, so the rest of the backbone only sees
+the samples still running); when none are left the backbone stops. Because an exit layer is a
+point where the rest of the network depends on that tensor alone, the samples that go on get
+exactly the computation the plain backbone would give them.
+
+One subtlety keeps that exact: CPU kernels take a different code path for a batch of one (oneDNN
+convolutions, GEMV instead of GEMM), which changes the last bits. So a batch that started with two
+or more samples never shrinks below two: a lone survivor runs next to a copy of itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+FINAL = -1  # exit index of samples answered by the backbone itself
+
+
+@dataclass
+class Exit:
+    """One active exit: a head on a backbone layer, its temperature and its confidence threshold."""
+
+    layer: str
+    head: nn.Module
+    temperature: float
+    threshold: float
+
+
+@dataclass
+class SampleResult:
+    """One sample's answer, as handed to the callback the moment it is known."""
+
+    index: int  # position in the input batch
+    prediction: int
+    confidence: float
+    exit: int  # position of the exit in the cascade, or FINAL
+    probabilities: torch.Tensor
+
+
+@dataclass
+class EarlyExitOutput:
+    """Per-sample answers for a batch, in input order."""
+
+    predictions: torch.Tensor  # [B] long
+    probabilities: torch.Tensor  # [B, classes]: calibrated head softmax, or the backbone's softmax
+    logits: torch.Tensor  # [B, classes]: head logits / T, or the backbone's own logits (bit-exact)
+    confidence: torch.Tensor  # [B]
+    exit: torch.Tensor  # [B] long: exit position, or FINAL (-1)
+    exit_predictions: torch.Tensor | None = None  # [exits, B] every exit's top-1 (no-shrink mode only)
+    exit_confidence: torch.Tensor | None = None  # [exits, B] (no-shrink mode only)
+
+
+class _AllExited(Exception):
+    """Raised inside a hook to stop the backbone once every sample has its answer."""
+
+
+class _Pass:
+    """Book-keeping of one forward pass: which input rows are still running."""
+
+    def __init__(self, batch: int, classes: int, exits: int, shrink: bool, callback):
+        self.alive = torch.arange(batch)
+        self.padded = False  # the running tensor holds a lone survivor twice
+        self.shrink, self.callback = shrink, callback
+        self.logits = torch.empty(batch, classes)
+        self.probabilities = torch.empty(batch, classes)
+        self.exit = torch.full((batch,), FINAL, dtype=torch.long)
+        self.all_predictions = torch.empty(exits, batch, dtype=torch.long) if not shrink else None
+        self.all_confidence = torch.empty(exits, batch) if not shrink else None
+
+    def answer(self, rows: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, exit_position: int):
+        self.logits[rows], self.probabilities[rows], self.exit[rows] = logits, probs, exit_position
+        if self.callback is not None:
+            confidence, prediction = probs.max(dim=1)
+            for i, row in enumerate(rows.tolist()):
+                self.callback(SampleResult(row, int(prediction[i]), float(confidence[i]), exit_position, probs[i]))
+
+
+class EarlyExitRunner:
+    """Runs a frozen backbone with a cascade of exits (in forward order)."""
+
+    def __init__(self, backbone: nn.Module, exits: list[Exit], num_classes: int):
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.exits = list(exits)
+        modules = dict(backbone.named_modules())
+        missing = [e.layer for e in self.exits if e.layer not in modules]
+        if missing:
+            raise ValueError(f"exit layers {missing} are not modules of the backbone")
+        self._modules = [modules[e.layer] for e in self.exits]
+        self._pass: _Pass | None = None
+
+    def _hook(self, position: int):
+        exit_ = self.exits[position]
+
+        def hook(module, inputs, output):
+            state = self._pass
+            running = output[:1] if state.padded else output
+            logits = exit_.head(running) / exit_.temperature
+            probs = logits.softmax(dim=1)
+            confidence, prediction = probs.max(dim=1)
+            hit = confidence >= exit_.threshold
+            if not state.shrink:
+                state.all_predictions[position], state.all_confidence[position] = prediction, confidence
+                first = hit & (state.exit == FINAL)
+                if first.any():
+                    state.answer(state.alive[first], logits[first], probs[first], position)
+                return None
+            if not bool(hit.any()):
+                return None
+            state.answer(state.alive[hit], logits[hit], probs[hit], position)
+            keep = ~hit
+            state.alive = state.alive[keep]
+            if len(state.alive) == 0:
+                raise _AllExited
+            survivors = running[keep]
+            state.padded = len(survivors) == 1 and len(output) > 1
+            return survivors.expand(2, *survivors.shape[1:]).contiguous() if state.padded else survivors
+
+        return hook
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, callback: Callable[[SampleResult], None] | None = None,
+                 shrink: bool = True) -> EarlyExitOutput:
+        """Answer every sample of ``x``; ``callback`` gets each sample's result as soon as it is known.
+
+        ``shrink=False`` runs every sample through every exit and the whole backbone, recording every
+        exit's prediction (answers are the same as with shrinking; only slower).
+        """
+        if self._pass is not None:
+            raise RuntimeError("EarlyExitRunner is not re-entrant; use one runner per thread")
+        batch = len(x)
+        hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self._modules)]
+        try:
+            self._pass = _Pass(batch, self.num_classes, len(self.exits), shrink, callback)
+            try:
+                final_logits = self.backbone(x)
+            except _AllExited:
+                final_logits = None
+            state = self._pass
+            if final_logits is not None:
+                if state.padded:
+                    final_logits = final_logits[:1]
+                rows = state.alive if shrink else torch.nonzero(state.exit == FINAL).flatten()
+                final_logits = final_logits if shrink else final_logits[rows]
+                state.answer(rows, final_logits, final_logits.softmax(dim=1), FINAL)
+        finally:
+            for h in hooks:
+                h.remove()
+            self._pass = None
+        confidence, predictions = state.probabilities.max(dim=1)
+        return EarlyExitOutput(predictions, state.probabilities, state.logits, confidence, state.exit,
+                               state.all_predictions, state.all_confidence)

@@ -1,0 +1,115 @@
+"""Batch shrinking: every sample comes back once, in order; non-exited samples equal the backbone exactly."""
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from selfxit.cifar_resnet import cifar_resnet
+from selfxit.heads import DEFAULT_HEAD, build_head
+from selfxit.runtime import FINAL, EarlyExitRunner, Exit
+
+LAYERS = {"layer1": (16, 32, 32), "layer2.2": (32, 16, 16), "layer3.1": (64, 8, 8)}
+
+
+def _backbone():
+    torch.manual_seed(0)
+    model = cifar_resnet("cifar_resnet20").eval()
+    for m in model.modules():  # non-trivial BN statistics so outputs are not degenerate
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.requires_grad_(False)
+
+
+BACKBONE = _backbone()
+X = torch.randn(12, 3, 32, 32)
+with torch.no_grad():
+    REFERENCE = BACKBONE(X)
+
+
+class ScriptedHead(nn.Module):
+    """A head whose confidence for each sample is scripted by the test (by a hash of the activation)."""
+
+    def __init__(self, in_shape, fire: set[int]):
+        super().__init__()
+        self.inner = build_head(DEFAULT_HEAD, in_shape, 10)
+        self.fire = fire
+
+    def forward(self, x):
+        logits = self.inner(x)
+        keys = [_key(row) for row in x]
+        boost = torch.tensor([[50.0 if k in self.fire else 0.0] for k in keys])
+        return logits + boost * nn.functional.one_hot(logits.argmax(1), 10)
+
+
+ACT = {}
+
+
+def _key(row):
+    return ACT.get(round(float(row.double().sum()), 3), -1)
+
+
+def _record_activations():
+    modules = dict(BACKBONE.named_modules())
+    hooks = []
+    for name in LAYERS:
+        def hook(m, i, out, name=name):
+            for idx, row in enumerate(out):
+                ACT[round(float(row.double().sum()), 3)] = idx
+        hooks.append(modules[name].register_forward_hook(hook))
+    with torch.no_grad():
+        BACKBONE(X)
+    for h in hooks:
+        h.remove()
+
+
+_record_activations()
+
+
+def _runner(pattern):
+    exits = [Exit(name, ScriptedHead(shape, fire), 1.0, 0.99) for (name, shape), fire in zip(LAYERS.items(), pattern)]
+    return EarlyExitRunner(BACKBONE, exits, num_classes=10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 2, 3]), min_size=12, max_size=12), st.integers(1, 12))
+def test_any_exit_pattern_returns_every_sample_once_in_order(choice, batch):
+    """choice[i]: the exit sample i should leave at (3 = none)."""
+    pattern = [{i for i in range(batch) if choice[i] == e} for e in range(3)]
+    runner = _runner(pattern)
+    seen = []
+    out = runner(X[:batch], callback=lambda r: seen.append(r.index))
+    assert sorted(seen) == list(range(batch))  # each sample answered exactly once
+    for i in range(batch):
+        expected = choice[i] if choice[i] < 3 else FINAL
+        assert int(out.exit[i]) == expected
+    final = out.exit == FINAL
+    assert torch.equal(out.logits[final], (BACKBONE(X[:batch]) if batch < 12 else REFERENCE)[final])
+    assert torch.equal(out.predictions[final], REFERENCE[:batch][final].argmax(1))
+
+
+def test_lone_survivor_is_bit_exact():
+    pattern = [set(range(1, 12)), set(), set()]
+    out = _runner(pattern)(X)
+    assert out.exit.tolist() == [FINAL] + [0] * 11
+    assert torch.equal(out.logits[0], REFERENCE[0])
+
+
+def test_no_shrink_mode_gives_every_exit_and_same_answers():
+    pattern = [{0, 1}, {2, 3, 0}, {4}]
+    runner = _runner(pattern)
+    shrunk = runner(X)
+    full = runner(X, shrink=False)
+    assert torch.equal(shrunk.exit, full.exit)
+    assert torch.equal(shrunk.predictions, full.predictions)
+    assert full.exit_predictions.shape == (3, 12)
+    assert torch.equal(full.logits[full.exit == FINAL], REFERENCE[full.exit == FINAL])
+
+
+def test_backbone_stops_when_all_exited():
+    calls = []
+    handle = dict(BACKBONE.named_modules())["linear"].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = _runner([set(range(12)), set(), set()])(X)
+    finally:
+        handle.remove()
+    assert calls == [] and (out.exit == 0).all()
