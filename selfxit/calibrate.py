@@ -23,7 +23,7 @@ def fit_temperature(logits: torch.Tensor, backbone_top1: torch.Tensor, max_iter:
         return loss
 
     optimizer.step(closure)
-    temperature = float(log_t.exp())
+    temperature = float(log_t.detach().exp())
     return min(max(temperature, 1e-2), 1e2)
 
 

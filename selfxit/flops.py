@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import os
 from collections.abc import Iterator
 
 import torch
-from deepspeed.profiling.flops_profiler import profiler as _ds
 from torch import nn
+
+# Name the accelerator so DeepSpeed does not probe for one and print a warning on stdout at import.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+from deepspeed.profiling.flops_profiler import profiler as _ds  # noqa: E402
 
 
 def count_flops(module: nn.Module, example_input: torch.Tensor) -> int:

@@ -169,6 +169,8 @@ def _per_sample(stats: ExitStats, thresholds: np.ndarray) -> tuple[np.ndarray, n
     """Each sample's exit (-1: none), FLOPs (as a fraction of the backbone) and whether it leaves wrong."""
     n = stats.confidence.shape[1]
     taken = exit_assignment(stats, thresholds)
+    if stats.num_exits == 0:
+        return taken, np.ones(n), np.zeros(n, dtype=bool)
     spent_heads = np.cumsum(np.where(np.isfinite(thresholds), stats.head_flops, 0.0))
     cost_at = stats.total_flops - stats.remaining_flops + spent_heads
     cost = np.where(taken >= 0, cost_at[np.maximum(taken, 0)], stats.total_flops + spent_heads[-1])
