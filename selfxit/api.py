@@ -195,10 +195,8 @@ class EarlyExitModel:
         paper = optimize.best_subset(val, tolerance, max_exits)
         off = np.full(val.num_exits, optimize.OFF)
         joint = optimize.best_within(optimize.joint_path(val, [paper, off], max_exits=max_exits), tolerance)
-        # Certified: design the path on 'tune', test it on the untouched 'val' samples.
-        design = optimize.joint_path(tune, [optimize.best_subset(tune, tolerance, max_exits), off],
-                                     max_exits=max_exits)
-        cert = optimize.certify(design, val, tolerance, delta)
+        # Certified: design the cascade on 'tune', test its scaled family on the untouched 'val' samples.
+        cert = optimize.certified_cascade(tune, val, tolerance, delta, max_exits)
         return {"paper": (paper, 0.0), "joint": (joint.thresholds, 0.0),
                 "certified": (cert.chosen.thresholds, cert.confidence_level)}
 

@@ -40,6 +40,10 @@ def save_bundle(path: str | Path, manifest: dict, heads: dict[str, dict[str, tor
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{layer}/{key}": t.detach().cpu().contiguous() for layer, sd in heads.items() for key, t in sd.items()}
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle should read like any other folder
+    old = path.with_name(f".{path.name}.old")
     try:
         save_file(tensors, staging / WEIGHTS)
         (staging / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2))
@@ -47,7 +51,6 @@ def save_bundle(path: str | Path, manifest: dict, heads: dict[str, dict[str, tor
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(staging, path)
@@ -56,6 +59,8 @@ def save_bundle(path: str | Path, manifest: dict, heads: dict[str, dict[str, tor
             os.replace(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # put the previous bundle back
         raise
     return path
 

@@ -43,6 +43,9 @@ def _check_spec(spec: dict) -> dict:
     unknown = set(spec) - allowed
     if unknown:
         raise ValueError(f"head spec {spec!r}: unknown keys {sorted(unknown)}; allowed {sorted(allowed)}")
+    pool = spec.get("pool", 1)
+    if not isinstance(pool, int) or pool < 1:
+        raise ValueError(f"head spec 'pool' must be a positive int; got {pool!r}")
     hidden = spec.get("hidden", [])
     if not all(isinstance(h, int) and h > 0 for h in hidden):
         raise ValueError(f"head spec 'hidden' must be positive ints; got {hidden!r}")

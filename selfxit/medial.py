@@ -119,7 +119,7 @@ class MedialDataset:
     def teacher(self, rows: np.ndarray | None = None) -> torch.Tensor:
         """Backbone softmax for the given rows (all rows when None)."""
         probs = self.probs if rows is None else self.probs[rows]
-        return torch.from_numpy(np.ascontiguousarray(probs))
+        return torch.from_numpy(np.array(probs, dtype=np.float32, copy=True))
 
     def batches(self, candidate: str | int, rows: np.ndarray, batch_size: int = 512):
         """Yield (activations float32, teacher probs, rows) for the rows in order, batch by batch."""

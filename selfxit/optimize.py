@@ -22,6 +22,10 @@ Three optimizers:
   set with an exact binomial test; the most aggressive cascade accepted before the first failure
   is kept. With probability at least ``1 - delta`` over the certification samples, its drop on
   unseen traffic from the same distribution is at most the tolerance.
+- :func:`certified_cascade`: what ``fit`` uses by default. The joint optimizer designs the cascade's
+  shape on the design samples (at twice the tolerance); the sequence tested is that shape scaled
+  from strict to loose (:func:`scaled_path`). A one-parameter, monotone family keeps the fixed
+  sequence from stopping early on noise, which a path of independently tuned cascades does.
 """
 from __future__ import annotations
 
@@ -134,10 +138,12 @@ def subset_score(stats: ExitStats, thresholds: np.ndarray) -> float:
 def best_subset(stats: ExitStats, tolerance: float, max_exits: int | None = None) -> np.ndarray:
     """Thresholds of the subset maximizing eq. 4 under the paper's rule (exhaustive, or greedy beyond 16)."""
     k_all = list(range(stats.num_exits))
-    max_exits = max_exits or stats.num_exits
+    max_exits = stats.num_exits if max_exits is None else min(max_exits, stats.num_exits)
+    if max_exits < 1:
+        raise ValueError(f"max_exits must be >= 1; got {max_exits}")
     best, best_score = np.full(stats.num_exits, OFF), 0.0
     if stats.num_exits <= EXHAUSTIVE_LIMIT:
-        for size in range(1, min(max_exits, stats.num_exits) + 1):
+        for size in range(1, max_exits + 1):
             for subset in combinations(k_all, size):
                 th = paper_thresholds(stats, list(subset), tolerance)
                 score = subset_score(stats, th)
@@ -288,3 +294,28 @@ def certify(path: list[CascadeResult], certify_stats: ExitStats, tolerance: floa
         if measured.flops_fraction < chosen.flops_fraction:
             chosen = measured
     return Certification(chosen, len(p_values), accepted, 1.0 - delta, p_values)
+
+
+def scaled_path(stats: ExitStats, shape: np.ndarray, scales=None) -> list[CascadeResult]:
+    """Cascades ``1 - s * (1 - shape)`` on the shape's active exits, for s from strict (0) to loose (3)."""
+    scales = np.linspace(0.0, 3.0, 151) if scales is None else scales
+    active = np.isfinite(shape)
+    path = []
+    for s in scales:
+        thresholds = np.full(stats.num_exits, OFF)
+        thresholds[active] = 1.0 - s * (1.0 - shape[active])
+        path.append(evaluate_cascade(stats, thresholds))
+    return path
+
+
+def certified_cascade(design: ExitStats, certify_stats: ExitStats, tolerance: float, delta: float = 0.1,
+                      max_exits: int | None = None, design_factor: float = 2.0) -> Certification:
+    """Design a cascade shape on ``design`` with the joint optimizer, then certify its scaled family on
+    ``certify_stats`` (which must not have been used for anything else)."""
+    if design.num_exits == 0:
+        return certify([], certify_stats, tolerance, delta)
+    off = np.full(design.num_exits, OFF)
+    loose = tolerance * design_factor
+    starts = [best_subset(design, loose, max_exits), off]
+    shape = best_within(joint_path(design, starts, max_exits=max_exits), loose).thresholds
+    return certify(scaled_path(design, shape), certify_stats, tolerance, delta)

@@ -242,8 +242,6 @@ def test_best_subset_greedy_can_take_every_exit(monkeypatch):
     np.testing.assert_array_equal(th, [0.9, 0.9, 0.9])
 
 
-@pytest.mark.xfail(strict=True, reason="greedy best_subset calls max() on an empty candidate set once every "
-                                       "exit is chosen and max_exits > num_exits")
 def test_best_subset_greedy_accepts_a_cap_above_the_number_of_exits(monkeypatch):
     stats = _complementary_exits()
     exhaustive = o.best_subset(stats, 0.0, max_exits=5)  # the exhaustive branch accepts it

@@ -60,6 +60,7 @@ def _record_activations():
         BACKBONE(X)
     for h in hooks:
         h.remove()
+    assert len(ACT) == len(LAYERS) * len(X), "activation sums must identify samples uniquely"
 
 
 _record_activations()
