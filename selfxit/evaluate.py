@@ -44,7 +44,7 @@ def _latency_ratio(ee, inputs: torch.Tensor, batch_size: int, max_batches: int) 
     batches = [inputs[i:i + batch_size] for i in range(0, len(inputs) - batch_size + 1, batch_size)][:max_batches]
     if not batches:
         return float("nan"), float("nan")
-    with torch.no_grad():
+    with torch.inference_mode():
         ee.backbone(batches[0]), ee(batches[0])  # warm-up
         plain = early = 0.0
         for i, x in enumerate(batches):
@@ -61,7 +61,7 @@ def evaluate(ee, loader, latency: bool = True, latency_samples: int = 256, progr
     costs = _cost_per_exit(ee)
     names = list(ee.thresholds) + ["final"]
     exits, agree, hits_bb, hits_ee, labels_all, kept_inputs = [], [], [], [], [], []
-    with torch.no_grad():
+    with torch.inference_mode():
         for batch in tqdm(loader, desc="evaluate", disable=not progress):
             x, labels = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1] if len(batch) > 1 else None)
             reference = ee.backbone(x).argmax(1)

@@ -13,6 +13,7 @@ or more samples never shrinks below two: a lone survivor runs next to a copy of 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,6 +57,28 @@ class EarlyExitOutput:
     exit_confidence: torch.Tensor | None = None  # [exits, B] (no-shrink mode only)
 
 
+def _with_temperature(head: nn.Module, temperature: float) -> nn.Module:
+    """A copy of ``head`` whose logits come out divided by ``temperature`` (saves an op per exit)."""
+    last = head[-1] if isinstance(head, nn.Sequential) and len(head) else None
+    if not isinstance(last, nn.Linear):
+        return nn.Sequential(head, _Scale(1.0 / temperature)).eval()
+    scaled = copy.deepcopy(head).eval()
+    with torch.no_grad():
+        scaled[-1].weight.div_(temperature)
+        if scaled[-1].bias is not None:
+            scaled[-1].bias.div_(temperature)
+    return scaled
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
 class _AllExited(Exception):
     """Raised inside a hook to stop the backbone once every sample has its answer."""
 
@@ -93,26 +116,27 @@ class EarlyExitRunner:
         if missing:
             raise ValueError(f"exit layers {missing} are not modules of the backbone")
         self._modules = [modules[e.layer] for e in self.exits]
+        self._scaled_heads = [_with_temperature(e.head, e.temperature) for e in self.exits]
         self._pass: _Pass | None = None
 
     def _hook(self, position: int):
-        exit_ = self.exits[position]
+        head, threshold = self._scaled_heads[position], self.exits[position].threshold
 
         def hook(module, inputs, output):
             state = self._pass
             running = output[:1] if state.padded else output
-            logits = exit_.head(running) / exit_.temperature
+            logits = head(running)  # already divided by the temperature
             probs = logits.softmax(dim=1)
             confidence, prediction = probs.max(dim=1)
-            hit = confidence >= exit_.threshold
             if not state.shrink:
                 state.all_predictions[position], state.all_confidence[position] = prediction, confidence
-                first = hit & (state.exit == FINAL)
+                first = (confidence >= threshold) & (state.exit == FINAL)
                 if first.any():
                     state.answer(state.alive[first], logits[first], probs[first], position)
                 return None
-            if not bool(hit.any()):
+            if float(confidence.max()) < threshold:  # the common case costs one reduction
                 return None
+            hit = confidence >= threshold
             state.answer(state.alive[hit], logits[hit], probs[hit], position)
             keep = ~hit
             state.alive = state.alive[keep]
@@ -124,7 +148,7 @@ class EarlyExitRunner:
 
         return hook
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(self, x: torch.Tensor, callback: Callable[[SampleResult], None] | None = None,
                  shrink: bool = True) -> EarlyExitOutput:
         """Answer every sample of ``x``; ``callback`` gets each sample's result as soon as it is known.

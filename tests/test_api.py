@@ -122,3 +122,18 @@ def test_wrap_rejects_bad_models():
 
     with pytest.raises(ValueError, match="logits"):
         selfxit.wrap(Features(), torch.zeros(1, 4))
+
+
+def test_fit_accepts_given_head_architectures(fitted, tmp_path):
+    """Runs last: it retrains one head of the shared fixture with a conv head spec."""
+    ee, model, _, images = fitted
+    layer = ee.candidates[-1].name
+    spec = {"kind": "conv_linear", "convs": [{"out": 8, "kernel": 3, "stride": 2}], "pool": 1, "hidden": [16]}
+    ee.fit(0.05, heads={layer: spec}, distill=DistillConfig(epochs=2), method="joint", progress=False)
+    if layer in ee.heads:  # a near-chance head would be discarded
+        assert ee.head_specs[layer] == spec and isinstance(ee.heads[layer][0], nn.Conv2d)
+        again = selfxit.load(ee.save(tmp_path / "b"), model)
+        assert again.head_specs[layer] == spec
+        assert torch.equal(again(images).predictions, ee(images).predictions)
+    with pytest.raises(ValueError, match="unknown layers"):
+        ee.fit(0.05, heads={"no.such.layer": spec}, progress=False)

@@ -417,3 +417,22 @@ def test_certify_keeps_the_promise_with_probability_one_minus_delta():
     assert uncertified_bad / runs > delta + 0.05
     # ... and the certified answer is not just "always the plain backbone".
     assert useful / runs > 0.5
+
+
+def test_certified_cascade_scaled_family_is_monotone_and_safe():
+    """The scaled family goes from strict to loose; certification keeps the promise on held-out data."""
+    rng = np.random.default_rng(7)
+    k, n = 3, 3000
+    conf = rng.uniform(0, 1, size=(k, n))
+    agree = rng.uniform(0, 1, size=(k, n)) < 0.7 + 0.3 * conf  # confident heads agree more
+    stats = ExitStats(conf, agree, [1.0, 1.0, 1.0], [80.0, 50.0, 20.0], 100.0)
+    design, cert, held = stats.subset(np.arange(0, 1000)), stats.subset(np.arange(1000, 2000)), stats.subset(np.arange(2000, 3000))
+    shape = np.array([0.9, 0.8, OFF])
+    path = o.scaled_path(design, shape)
+    drops = [p.drop for p in path]
+    assert drops == sorted(drops)  # more scale, lower thresholds, more early answers
+    result = o.certified_cascade(design, cert, 0.05, delta=0.1, max_exits=2)
+    assert result.confidence_level == pytest.approx(0.9)
+    assert np.isfinite(result.chosen.thresholds).sum() <= 2
+    assert result.chosen.drop <= 0.05 and result.chosen.flops_fraction < 1.0
+    assert o.evaluate_cascade(held, result.chosen.thresholds).drop <= 0.05 + 0.02
