@@ -429,8 +429,10 @@ def test_certified_cascade_scaled_family_is_monotone_and_safe():
     design, cert, held = stats.subset(np.arange(0, 1000)), stats.subset(np.arange(1000, 2000)), stats.subset(np.arange(2000, 3000))
     shape = np.array([0.9, 0.8, OFF])
     path = o.scaled_path(design, shape)
-    drops = [p.drop for p in path]
-    assert drops == sorted(drops)  # more scale, lower thresholds, more early answers
+    flops = [p.flops_fraction for p in path]
+    answered_early = [p.exit_rates.sum() for p in path]
+    assert flops == sorted(flops, reverse=True)  # more scale, lower thresholds: every sample leaves no later
+    assert answered_early == sorted(answered_early)
     result = o.certified_cascade(design, cert, 0.05, delta=0.1, max_exits=2)
     assert result.confidence_level == pytest.approx(0.9)
     assert np.isfinite(result.chosen.thresholds).sum() <= 2
