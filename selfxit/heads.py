@@ -73,7 +73,10 @@ def build_head(spec: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Se
         height, width = (height + 2 * (kernel // 2) - kernel) // stride + 1, (width + 2 * (kernel // 2) - kernel) // stride + 1
     pool = int(spec.get("pool", 1))
     grid = (min(pool, height), min(pool, width))
-    layers += [nn.AdaptiveAvgPool2d(grid), nn.Flatten()]
+    if height % grid[0] == 0 and width % grid[1] == 0:  # same average, but a cheaper kernel at batch 1
+        layers += [nn.AvgPool2d((height // grid[0], width // grid[1])), nn.Flatten()]
+    else:
+        layers += [nn.AdaptiveAvgPool2d(grid), nn.Flatten()]
     return nn.Sequential(*layers, *_mlp(channels * grid[0] * grid[1], hidden, num_classes))
 
 

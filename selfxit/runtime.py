@@ -127,14 +127,14 @@ class EarlyExitRunner:
             running = output[:1] if state.padded else output
             logits = head(running)  # already divided by the temperature
             probs = logits.softmax(dim=1)
+            if state.shrink and float(probs.max()) < threshold:  # the common case costs one reduction
+                return None
             confidence, prediction = probs.max(dim=1)
             if not state.shrink:
                 state.all_predictions[position], state.all_confidence[position] = prediction, confidence
                 first = (confidence >= threshold) & (state.exit == FINAL)
                 if first.any():
                     state.answer(state.alive[first], logits[first], probs[first], position)
-                return None
-            if float(confidence.max()) < threshold:  # the common case costs one reduction
                 return None
             hit = confidence >= threshold
             state.answer(state.alive[hit], logits[hit], probs[hit], position)
