@@ -26,12 +26,12 @@ def test_build_head_outputs_logits(shape, spec):
 
 def test_pool_mlp_layout():
     head = build_head({"kind": "pool_mlp", "pool": 4, "hidden": [32]}, (16, 8, 8), 10)
-    assert isinstance(head[0], nn.AdaptiveAvgPool2d) and head[0].output_size == (4, 4)
+    assert isinstance(head[0], nn.AvgPool2d) and head[0].kernel_size == (2, 2)  # 8x8 -> 4x4 evenly
     linears = [m for m in head if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(16 * 4 * 4, 32), (32, 10)]
     # The pool never upsamples a small activation.
     small = build_head({"kind": "pool_mlp", "pool": 4, "hidden": []}, (8, 2, 3), 10)
-    assert small[0].output_size == (2, 3)
+    assert small[0](torch.zeros(1, 8, 2, 3)).shape[-2:] == (2, 3)
     assert small[-1].in_features == 8 * 2 * 3
 
 
