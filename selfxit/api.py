@@ -111,7 +111,7 @@ class EarlyExitModel:
 
     # ---- training and optimization ---------------------------------------------------------------
     def fit(self, tolerance: float = 0.01, heads: dict | None = None, distill: DistillConfig | None = None,
-            method: str = "certified", delta: float = 0.1, max_exits: int | None = 4,
+            method: str = "certified", delta: float = 0.1, max_exits: int | None = 3,
             retrain: bool = False, progress: bool = True) -> FitReport:
         """Train a head per candidate (KL to the backbone), calibrate, and choose exits and thresholds.
 

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-samples", type=int, help="use a seeded random subset of the images")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--delta", type=float, default=0.1, help="1 - confidence level of the tolerance promise")
-        p.add_argument("--max-exits", type=int, default=4, help="most active exits in the cascade")
+        p.add_argument("--max-exits", type=int, default=3, help="most active exits in the cascade")
         p.add_argument("--max-candidates", type=int, default=10)
         p.add_argument("--augment", type=int, default=2, help="augmented copies of train traffic for distillation")
         p.add_argument("--medial-dir", help="keep the medial dataset here (default: temporary, deleted)")

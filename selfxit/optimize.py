@@ -23,7 +23,7 @@ Three optimizers:
   is kept. With probability at least ``1 - delta`` over the certification samples, its drop on
   unseen traffic from the same distribution is at most the tolerance.
 - :func:`certified_cascade`: what ``fit`` uses by default. The joint optimizer designs the cascade's
-  shape on the design samples (at twice the tolerance); the sequence tested is that shape scaled
+  shape on the design samples (at 1.5 times the tolerance); the sequence tested is that shape scaled
   from strict to loose (:func:`scaled_path`). A one-parameter, monotone family keeps the fixed
   sequence from stopping early on noise, which a path of independently tuned cascades does.
 """
@@ -309,7 +309,7 @@ def scaled_path(stats: ExitStats, shape: np.ndarray, scales=None) -> list[Cascad
 
 
 def certified_cascade(design: ExitStats, certify_stats: ExitStats, tolerance: float, delta: float = 0.1,
-                      max_exits: int | None = None, design_factor: float = 2.0) -> Certification:
+                      max_exits: int | None = None, design_factor: float = 1.5) -> Certification:
     """Design a cascade shape on ``design`` with the joint optimizer, then certify its scaled family on
     ``certify_stats`` (which must not have been used for anything else)."""
     if design.num_exits == 0:

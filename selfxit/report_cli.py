@@ -1,0 +1,49 @@
+"""``selfxit report``: write the HTML evaluation report of a bundle (figures + report.json)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def run_report(args) -> dict:
+    """Load the bundle and the data split the way ``selfxit evaluate`` does, build the report, say where it went."""
+    import selfxit
+    from . import report
+    from .cli import _backbone, _traffic
+    from .data import split_indices
+
+    if args.latency_samples < 1:
+        raise ValueError(f"--latency-samples must be >= 1; got {args.latency_samples}")
+    model, info = _backbone(args)
+    ee = selfxit.load(args.bundle, model)
+    meta = ee.meta or {}
+    seed = args.seed if args.seed is not None else meta.get("seed", 0)
+    max_samples = args.max_samples if args.max_samples is not None else meta.get("max_samples")
+    dataset = _traffic(args, info, max_samples, seed)
+    if args.split == "test" and meta.get("num_samples") not in (None, len(dataset)):
+        print(f"warning: the bundle was fit on {meta['num_samples']} samples, this folder gives {len(dataset)}: "
+              "the test split is not the held-back part of the data enable used", file=sys.stderr)
+    rows = split_indices(len(dataset), seed)["test"] if args.split == "test" else None
+    details = {"bundle": str(args.bundle), "model": args.model, "weights": str(args.weights) if args.weights else None,
+               "data": str(dataset.root), "split": args.split, "seed": seed, "max_samples": max_samples}
+    result = report.build_report(ee, dataset, rows, args.out, latency_samples=args.latency_samples,
+                                 batch_sizes=report.BATCH_SIZES, bundle_dir=args.bundle, weights_path=args.weights,
+                                 info=details)
+    index = Path(args.out) / "index.html"
+    print(f"report written to {index} (numbers in {Path(args.out) / 'report.json'})")
+    return result
+
+
+def add_report_parser(subparsers) -> None:
+    """Register the ``report`` subcommand on an argparse ``subparsers`` object."""
+    p = subparsers.add_parser("report", help="write an HTML evaluation report of a bundle (figures + report.json)")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--model", required=True, help="cifar_resnet20/32/44/56/110 or a torchvision classifier name")
+    p.add_argument("--weights", type=Path, help="checkpoint file (state dict) for the model")
+    p.add_argument("--data", required=True, help="image folder (class subfolders give accuracy too)")
+    p.add_argument("--out", required=True, help="report folder to write (index.html, PNGs, report.json)")
+    p.add_argument("--split", choices=["test", "all"], default="test")
+    p.add_argument("--latency-samples", type=int, default=256, help="samples timed per batch size (at least a batch)")
+    p.add_argument("--max-samples", type=int, help="default: what enable used (from the bundle)")
+    p.add_argument("--seed", type=int, help="default: what enable used (from the bundle)")
+    p.set_defaults(func=lambda a: run_report(a) and None)

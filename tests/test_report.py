@@ -1,0 +1,154 @@
+"""The evaluation report on a small real bundle (shared CIFAR ResNet-20): files, numbers, and the CLI."""
+import argparse
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import selfxit
+from selfxit import report as report_mod
+from selfxit.calibrate import expected_calibration_error
+from selfxit.data import ImageFolderData, split_indices
+from selfxit.distill import DistillConfig
+from selfxit.evaluate import evaluate
+from selfxit.report_cli import add_report_parser
+from selfxit.zoo import load_backbone
+
+SEED, SAMPLES = 2, 300
+
+
+@pytest.fixture(scope="module")
+def built(shared, tmp_path_factory):
+    """A saved bundle, the report built from it on the test split, and evaluate() on the same split."""
+    root = tmp_path_factory.mktemp("report")
+    model, info = load_backbone("cifar_resnet20")
+    dataset = ImageFolderData(shared / "data" / "cifar10-test", info, max_samples=SAMPLES, seed=SEED)
+    ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), max_candidates=4)
+    ee.collect(torch.utils.data.DataLoader(dataset, batch_size=100), root / "medial", seed=SEED, augment_copies=1,
+               progress=False)
+    ee.fit(0.05, distill=DistillConfig(epochs=3), method="joint", progress=False)
+    ee.meta = {"model": "cifar_resnet20", "seed": SEED, "max_samples": SAMPLES, "num_samples": len(dataset)}
+    bundle = ee.save(root / "bundle")
+    ee = selfxit.load(bundle, load_backbone("cifar_resnet20")[0])
+    rows = split_indices(len(dataset), SEED)["test"]
+    out = root / "out"
+    result = report_mod.build_report(ee, dataset, rows, out, latency_samples=16, batch_sizes=[1, 8],
+                                     bundle_dir=bundle, progress=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows.tolist()), batch_size=64)
+    evaluation = evaluate(ee, loader, latency=False, progress=False)
+    return {"ee": ee, "bundle": bundle, "out": out, "result": result, "evaluation": evaluation, "root": root,
+            "data": shared / "data" / "cifar10-test"}
+
+
+def _close(a, b):
+    if a is None or b is None or (isinstance(b, float) and math.isnan(b)):
+        return (a is None or math.isnan(a)) and (b is None or math.isnan(b))
+    return abs(a - b) <= 1e-9
+
+
+def test_html_references_existing_images_and_works_offline(built):
+    page = (built["out"] / "index.html").read_text()
+    sources = re.findall(r'<img[^>]*\ssrc="([^"]+)"', page)
+    assert len(sources) >= 4
+    for src in sources:
+        assert not src.startswith(("http:", "https:", "/")) and (built["out"] / src).is_file()
+    assert "<script" not in page.lower() and "http://" not in page and "https://" not in page
+
+
+def test_report_json_matches_evaluate(built):
+    saved = json.loads((built["out"] / "report.json").read_text())
+    assert saved == built["result"]
+    summary, ev = saved["summary"], built["evaluation"]
+    assert summary["num_samples"] == ev.num_samples == 90
+    for key in ("flops_fraction", "agreement", "accuracy_backbone", "accuracy_early_exit"):
+        assert _close(summary[key], getattr(ev, key)), key
+    for key in ("exit_rates", "exit_agreement", "exit_accuracy"):
+        assert list(summary[key]) == list(getattr(ev, key))
+        assert all(_close(summary[key][n], getattr(ev, key)[n]) for n in summary[key]), key
+
+
+def test_per_exit_curves_and_collaborative_table(built):
+    result, ee = built["result"], built["ee"]
+    assert list(result["per_exit"]) == [c.name for c in ee.candidates if c.name in ee.heads]  # every head
+    for curve in result["per_exit"].values():
+        assert len(curve["hit_rate"]) == len(curve["agreement"]) == len(curve["accuracy"]) == 101
+        assert curve["hit_rate"][0] == 1.0 and all(np.diff(curve["hit_rate"]) <= 0)
+    table = result["collaborative"]
+    assert [r["exit"] for r in table] == list(ee.thresholds) + ["final"]
+    summary = result["summary"]
+    effect = sum(r["accuracy_effect"] for r in table)
+    assert abs(effect - (summary["accuracy_early_exit"] - summary["accuracy_backbone"])) < 1e-9
+
+
+def test_tradeoff_curve_and_budgets(built):
+    result = built["result"]
+    points = result["tradeoff"]["points"]
+    assert len(points) == 100
+    assert all(0 <= p["flops_fraction"] <= 1.1 and 0 <= p["agreement"] <= 1 and 0 <= p["accuracy"] <= 1
+               for p in points)
+    budgets = result["budgets"]
+    assert [b["budget"] for b in budgets] == [0.25, 0.5, 0.75, 1.0]
+    for b in budgets:
+        assert b["flops_fraction"] is None or b["flops_fraction"] <= b["budget"] + 1e-12
+    assert budgets[-1]["accuracy"] >= result["summary"]["accuracy_backbone"]  # the backbone itself fits 100%
+
+
+def test_calibration_cost_and_latency(built):
+    result, ee = built["result"], built["ee"]
+    assert set(result["calibration"]) == set(ee.heads)
+    for c in result["calibration"].values():
+        assert 0 <= c["ece_before"] <= 1 and 0 <= c["ece_after"] <= 1
+    cost = result["cost"]
+    assert cost["flops"]["backbone_per_sample"] == ee.backbone_flops
+    assert cost["disk_bytes"]["bundle_total"] == sum(p.stat().st_size for p in built["bundle"].iterdir())
+    assert cost["memory_bytes"]["backbone"] > cost["memory_bytes"]["heads_all"] > 0
+    assert [p["batch_size"] for p in cost["peak_live_bytes"]["batches"]] == [1, 8]
+    assert all(p["backbone"] > 0 and p["early_exit"] > 0 for p in cost["peak_live_bytes"]["batches"])
+    cpu = result["latency"]["cpu"]
+    assert [r["batch_size"] for r in cpu] == [1, 8] and [r["batches"] for r in cpu] == [16, 2]
+    for r in cpu:
+        for which in ("backbone", "early_exit"):
+            s = r[which]
+            assert 0 < s["latency_p50_ms"] <= s["latency_p99_ms"] and s["ms_per_sample"] > 0
+
+
+def test_reliability_ece_matches_calibrate():
+    probs = torch.softmax(3 * torch.randn(500, 10, generator=torch.Generator().manual_seed(0)), 1)
+    top1 = torch.randint(0, 10, (500,), generator=torch.Generator().manual_seed(1))
+    conf, pred = probs.max(1)
+    ours = report_mod.reliability(conf.numpy(), (pred == top1).numpy())
+    assert abs(ours["ece"] - expected_calibration_error(probs, top1)) < 1e-6
+    assert sum(ours["count"]) == 500
+
+
+def test_peak_live_bytes_counts_temporaries():
+    x = torch.ones(1000)  # 4000 bytes, allocated before: not counted
+    assert report_mod.peak_live_bytes(lambda t: (t * 2) + 1, x) == 8000  # t * 2 is alive while + 1 allocates
+    assert report_mod.peak_live_bytes(lambda t: t.view(10, 100).relu_(), x) == 0  # views / in-place: no new storage
+
+
+def test_unlabelled_inputs(built, tmp_path):
+    ee = built["ee"]
+    inputs = torch.utils.data.TensorDataset(torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    result = report_mod.build_report(ee, inputs, None, tmp_path, latency_samples=1, batch_sizes=[2], progress=False)
+    assert result["summary"]["accuracy_backbone"] is None and result["summary"]["num_samples"] == 12
+    assert all(p["accuracy"] is None for p in result["tradeoff"]["points"])
+    assert (tmp_path / "index.html").is_file()
+
+
+def test_cli_report_uses_the_bundle_split(built, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report_mod, "BATCH_SIZES", (1, 8))
+    parser = argparse.ArgumentParser(prog="selfxit")
+    add_report_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "cli-report"
+    args = parser.parse_args(["report", "--bundle", str(built["bundle"]), "--model", "cifar_resnet20",
+                              "--data", str(built["data"]), "--out", str(out), "--latency-samples", "4"])
+    assert args.split == "test" and args.seed is None and args.max_samples is None
+    args.func(args)
+    assert str(out / "index.html") in capsys.readouterr().out
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["summary"] == built["result"]["summary"]  # seed and sample count came from the bundle
+    assert saved["info"]["split"] == "test" and saved["info"]["seed"] == SEED

@@ -1,0 +1,297 @@
+"""The server as a real subprocess on loopback: real JPEGs over HTTP and WebSocket, errors, batching, hot reload."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from websockets.sync.client import connect
+
+import selfxit
+from selfxit.data import image_transform
+from selfxit.distill import DistillConfig
+from selfxit.heads import DEFAULT_HEAD, build_head
+from selfxit.zoo import load_backbone
+
+MAX_BATCH, MAX_BODY = 16, 1_000_000
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until(predicate, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def built(shared, tmp_path_factory):
+    """A fitted ResNet-20 bundle whose thresholds are set so that both exits and the backbone answer."""
+    from selfxit.data import ImageFolderData
+    model, info = load_backbone("cifar_resnet20")
+    traffic = ImageFolderData(shared / "data" / "cifar10-test", info, max_samples=300, seed=1)
+    ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), max_candidates=4)
+    ee.collect(torch.utils.data.DataLoader(traffic, batch_size=100), tmp_path_factory.mktemp("medial"),
+               augment_copies=1, progress=False)
+    ee.fit(0.05, distill=DistillConfig(epochs=3), method="joint", progress=False)
+    root = tmp_path_factory.mktemp("bundles")
+    fitted = selfxit.load(ee.save(root / "fitted"), model)
+    if not fitted.thresholds:  # nothing passed the tolerance: serve the kept heads anyway
+        fitted.thresholds = {name: 1.1 for name in fitted.heads}
+    sample = torch.stack([traffic[i][0] for i in range(64)])
+    confidence = fitted(sample, shrink=False).exit_confidence  # [exits, 64]
+    ee.thresholds = {name: float(np.quantile(confidence[k].numpy(), 0.75 if k == 0 else 0.5))
+                     for k, name in enumerate(fitted.thresholds)}
+    path = ee.save(root / "served")
+    files = [shared / "data" / "cifar10-test" / c / f"{i:04d}.jpg" for c in CLASSES for i in (0, 1)]
+    return {"ee": ee, "model": model, "info": info, "path": path, "files": files, "root": root}
+
+
+def _reference(ee, info, files):
+    """(class, exit name) per file, from the bundle run in this process on the same batch."""
+    transform = image_transform(info)
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in files])
+    out = ee(x)
+    names = list(ee.thresholds)
+    return x, [(int(c), "final" if e < 0 else names[e]) for c, e in zip(out.predictions, out.exit)]
+
+
+@pytest.fixture(scope="module")
+def server(built, tmp_path_factory):
+    """`python -m selfxit.serve` on a free loopback port, serving a copy of the bundle (killed at teardown)."""
+    serving = tmp_path_factory.mktemp("serving") / "bundle"
+    shutil.copytree(built["path"], serving)
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
+    cmd = [sys.executable, "-m", "selfxit.serve", "--bundle", str(serving), "--model", "cifar_resnet20",
+           "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(MAX_BATCH), "--max-wait-ms", "20",
+           "--max-body-bytes", str(MAX_BODY), "--timeout-s", "30", "--reload-poll-s", "0.2", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NNI_FRAMEWORK": "none"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            def up():
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise AssertionError(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+                try:
+                    return client.get("/healthz").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            _wait_until(up, 90, "the server to answer /healthz")
+            yield {"url": url, "port": port, "bundle": serving, "client": client, "log": log}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def _multipart(files):
+    return [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in files]
+
+
+def _items(response):
+    assert response.status_code == 200, response.text
+    return [(item["class"], item["exit"]) for item in response.json()["items"]]
+
+
+def test_health_and_metrics(server):
+    health = server["client"].get("/healthz").json()
+    assert health["status"] == "ok" and health["bundle"]["generation"] == 1 and health["bundle"]["exits"]
+    metrics = server["client"].get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    for family in ("selfxit_requests_total", "selfxit_errors_total", "selfxit_exit_items_total",
+                   "selfxit_item_latency_seconds", "selfxit_reloads_total"):
+        assert f"# TYPE {family} " in metrics.text
+
+
+def test_multipart_jpegs_match_the_bundle_in_process(server, built):
+    _, expected = _reference(built["ee"], built["info"], built["files"])
+    response = server["client"].post("/v1/predict", files=_multipart(built["files"]))
+    assert _items(response) == expected
+    assert {e for _, e in expected} - {"final"} and "final" in {e for _, e in expected}  # both kinds occur
+    item = response.json()["items"][0]
+    assert 0 < item["probability"] <= 1 and item["latency_ms"] > 0 and item["index"] == 0
+
+
+def test_json_tensor_matches_the_bundle_in_process(server, built):
+    x, expected = _reference(built["ee"], built["info"], built["files"][:8])
+    response = server["client"].post("/v1/predict", json={"inputs": x.tolist()})
+    assert _items(response) == expected
+
+
+def test_websocket_streams_each_item_as_its_exit_fires(server, built):
+    files = built["files"][:12]
+    x, expected = _reference(built["ee"], built["info"], files)
+    order = {name: k for k, name in enumerate(built["ee"].thresholds)} | {"final": len(built["ee"].thresholds)}
+    with connect(f"ws://127.0.0.1:{server['port']}/v1/stream", open_timeout=10) as ws:
+        ws.send(json.dumps({"inputs": x.tolist(), "id": "b0"}))
+        results = []
+        for _ in range(len(files) + 1):
+            message = json.loads(ws.recv(timeout=30))
+            if message["type"] != "result":
+                break
+            results.append(message)
+        assert message == {**message, "type": "done", "batch": 0, "id": "b0", "items": len(files)}
+        assert sorted(r["index"] for r in results) == list(range(len(files)))
+        assert {r["index"]: (r["class"], r["exit"]) for r in results} == dict(enumerate(expected))
+        positions = [order[r["exit"]] for r in results]
+        assert positions == sorted(positions)  # early exits are sent before the backbone's answers
+
+        ws.send(b"\xff\xd8 this is not a jpeg")  # a bad binary message: an error, the connection stays usable
+        error = json.loads(ws.recv(timeout=30))
+        assert error["type"] == "error" and error["status"] == 400 and "decode" in error["error"]
+        ws.send(json.dumps({"inputs": [[[0.0]]]}))
+        error = json.loads(ws.recv(timeout=30))
+        assert error["type"] == "error" and "shape" in error["error"]
+
+        ws.send(files[3].read_bytes())  # one JPEG as a binary message
+        result, done = json.loads(ws.recv(timeout=30)), json.loads(ws.recv(timeout=30))
+        assert (result["class"], result["exit"]) == _reference(built["ee"], built["info"], [files[3]])[1][0]
+        assert done["type"] == "done" and done["batch"] == 3 and done["items"] == 1
+
+
+def _bad_requests(built):
+    jpeg = built["files"][0].read_bytes()
+    good_shape = torch.zeros(2, 3, 32, 32).tolist()
+    return {
+        "garbage bytes as a JPEG": (dict(files=[("files", ("x.jpg", b"\xff\xd8garbage" * 50, "image/jpeg"))]),
+                                    400, "decode"),
+        "truncated JPEG": (dict(files=[("files", ("t.jpg", jpeg[:200], "image/jpeg"))]), 400, "decode"),
+        "wrong tensor shape": (dict(json={"inputs": torch.zeros(2, 3, 16, 16).tolist()}), 400, "shape"),
+        "strings in the tensor": (dict(json={"inputs": [[["a"]]]}), 400, "numbers"),
+        "integer dtype": (dict(json={"inputs": good_shape, "dtype": "uint8"}), 400, "dtype"),
+        "ragged tensor": (dict(json={"inputs": [[1.0], [1.0, 2.0]]}), 400, "rectangular"),
+        "not JSON": (dict(content=b'{"inputs": [', headers={"content-type": "application/json"}), 400, "JSON"),
+        "unsupported content type": (dict(content=b"hello", headers={"content-type": "text/plain"}), 415,
+                                     "content type"),
+        "text file as an image": (dict(files=[("files", ("a.txt", b"hello", "text/plain"))]), 415, "content type"),
+        "too many images": (dict(files=_multipart(built["files"][:1] * (MAX_BATCH + 1))), 413, "max_batch"),
+        "too many tensor items": (dict(json={"inputs": torch.zeros(MAX_BATCH + 1, 3, 32, 32).tolist()}), 413,
+                                  "max_batch"),
+        "body too large": (dict(content=b"0" * (MAX_BODY + 1), headers={"content-type": "application/json"}), 413,
+                           "max_body_bytes"),
+    }
+
+
+BAD_REQUESTS = ["garbage bytes as a JPEG", "truncated JPEG", "wrong tensor shape", "strings in the tensor",
+                "integer dtype", "ragged tensor", "not JSON", "unsupported content type", "text file as an image",
+                "too many images", "too many tensor items", "body too large"]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_malformed_request_gets_a_4xx_json_error_and_the_server_keeps_serving(server, built, case):
+    kwargs, status, words = _bad_requests(built)[case]
+    response = server["client"].post("/v1/predict", **kwargs)
+    assert response.status_code == status, response.text
+    assert words.lower() in response.json()["error"].lower()
+    assert len(_items(server["client"].post("/v1/predict", files=_multipart(built["files"][:2])))) == 2
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answers(server, built):
+    files = built["files"][:16]
+    expected = {p: _reference(built["ee"], built["info"], [p])[1][0] for p in files}
+
+    def counter(name):
+        text = server["client"].get("/metrics").text
+        return int(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    runs, requests = counter("selfxit_microbatches_total"), counter("selfxit_microbatch_requests_total")
+    start = threading.Barrier(len(files))
+
+    def one(path):
+        start.wait(30)
+        with httpx.Client(timeout=30) as client:
+            return path, client.post(f"{server['url']}/v1/predict", files=_multipart([path]))
+
+    with ThreadPoolExecutor(len(files)) as pool:
+        answers = list(pool.map(one, files))
+    for path, response in answers:
+        assert _items(response) == [expected[path]], path
+    runs, requests = counter("selfxit_microbatches_total") - runs, counter("selfxit_microbatch_requests_total") - requests
+    assert requests == len(files) and runs < len(files)  # some requests shared an early-exit run
+
+
+def _other_backbone_bundle(path):
+    """A bundle made for cifar_resnet56 (one untrained head): the ResNet-20 server must refuse it."""
+    model, _ = load_backbone("cifar_resnet56")
+    ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), candidate_layers=["layer2"])
+    cand = ee.candidates[0]
+    torch.manual_seed(0)
+    ee.heads[cand.name] = build_head(DEFAULT_HEAD, cand.shape, ee.num_classes)
+    ee.head_specs[cand.name], ee.temperatures[cand.name], ee.head_flops[cand.name] = DEFAULT_HEAD, 1.0, 1
+    ee.thresholds = {cand.name: 0.9}
+    return ee.save(path)
+
+
+def test_hot_reload_refuses_bad_bundles_and_switches_to_a_good_one(server, built):
+    client, bundle, files = server["client"], server["bundle"], built["files"][:6]
+    _, old = _reference(built["ee"], built["info"], files)
+
+    def health():
+        return client.get("/healthz").json()
+
+    # 1. a corrupt manifest, seen by the folder watcher: refused, reported, the old bundle keeps serving
+    (bundle / "manifest.json").write_text("{ not json")
+    report = _wait_until(lambda: (h := health())["status"] == "degraded" and h, 15, "the corrupt bundle refusal")
+    assert "not valid JSON" in report["last_reload"]["error"] and report["bundle"]["generation"] == 1
+    response = client.post("/v1/predict", files=_multipart(files))
+    assert _items(response) == old and response.json()["bundle"] == 1
+
+    # 2. a bundle for another backbone, via the admin endpoint: refused with a 409 naming the problem
+    _other_backbone_bundle(bundle)
+    refused = client.post("/v1/reload")
+    assert refused.status_code == 409 and "built for backbone" in refused.json()["error"]
+    assert health()["status"] == "degraded" and _items(client.post("/v1/predict", files=_multipart(files))) == old
+
+    # 3. a valid new bundle (every sample exits at the first exit), written while requests are in flight
+    new = selfxit.load(built["path"], built["model"])
+    first = next(iter(new.thresholds))
+    new.thresholds[first] = 0.0
+    statuses, stop = [], threading.Event()
+
+    def traffic():
+        with httpx.Client(base_url=server["url"], timeout=30) as c:
+            deadline = time.monotonic() + 30
+            while not stop.is_set() and len(statuses) < 300 and time.monotonic() < deadline:
+                statuses.append(c.post("/v1/predict", files=_multipart(files[:2])).status_code)
+
+    background = threading.Thread(target=traffic)
+    background.start()
+    try:
+        time.sleep(0.3)
+        new.save(bundle)
+        _wait_until(lambda: health()["bundle"]["generation"] == 2, 15, "the new bundle to be served")
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        background.join(35)
+    assert statuses and set(statuses) == {200}  # nothing dropped or failed across the switch
+    assert health()["status"] == "ok"
+    _, expected = _reference(selfxit.load(bundle, built["model"]), built["info"], files)
+    response = client.post("/v1/predict", files=_multipart(files))
+    assert _items(response) == expected and {e for _, e in expected} == {first}
+    assert response.json()["bundle"] == 2
