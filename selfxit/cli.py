@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="bundle folder (default: a temp folder)")
     fit_args(p)
     p.set_defaults(func=demo)
+
+    from .report_cli import add_report_parser
+    add_report_parser(sub)
     return parser
 
 

@@ -29,7 +29,7 @@ class Evaluation:
     tolerance: float | None
 
 
-def _cost_per_exit(ee) -> np.ndarray:
+def cost_per_exit(ee) -> np.ndarray:
     """FLOPs of a sample answered at each active exit (last entry: answered by the backbone)."""
     remaining = {c.name: c.remaining_flops for c in ee.candidates}
     spent_heads, costs = 0, []
@@ -58,7 +58,7 @@ def _latency_ratio(ee, inputs: torch.Tensor, batch_size: int, max_batches: int) 
 
 def evaluate(ee, loader, latency: bool = True, latency_samples: int = 256, progress: bool = True) -> Evaluation:
     """Run ``ee`` and the plain backbone over ``loader`` (batches ``x`` or ``(x, labels, ...)``)."""
-    costs = _cost_per_exit(ee)
+    costs = cost_per_exit(ee)
     names = list(ee.thresholds) + ["final"]
     exits, agree, hits_bb, hits_ee, labels_all, kept_inputs = [], [], [], [], [], []
     with torch.inference_mode():

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter, ScalarFormatter
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from . import optimize
-from .evaluate import _cost_per_exit
+from .evaluate import cost_per_exit
 from .runtime import FINAL, EarlyExitRunner, Exit
 
 BATCH_SIZES = (1, 8, 32, 64, 128)
@@ -126,7 +126,7 @@ def _summary(ee, data: dict) -> dict:
     by_exit = {name: position == k for k, name in enumerate(names)}
     return {
         "num_samples": int(len(position)),
-        "flops_fraction": float(_cost_per_exit(ee)[position].mean() / ee.backbone_flops),
+        "flops_fraction": float(cost_per_exit(ee)[position].mean() / ee.backbone_flops),
         "agreement": float(agree.mean()),
         "accuracy_backbone": float((data["reference"] == labels).mean()) if labels is not None else None,
         "accuracy_early_exit": float(hit_ee.mean()) if labels is not None else None,
@@ -179,7 +179,7 @@ def collaborative_table(ee, data: dict, summary: dict) -> list[dict]:
     so the effects add up to early-exit accuracy minus backbone accuracy.
     """
     names = list(ee.thresholds) + ["final"]
-    costs = _cost_per_exit(ee) / ee.backbone_flops
+    costs = cost_per_exit(ee) / ee.backbone_flops
     labels, position = data["labels"], data["position"]
     rows = []
     for k, name in enumerate(names):
@@ -275,10 +275,12 @@ def cost_report(ee, summary: dict, pool: torch.Tensor, batch_sizes, bundle_dir=N
               "heads_all": sum(_tensor_bytes(h) for h in ee.heads.values()),
               "heads_active": sum(_tensor_bytes(ee.heads[name]) for name in active)}
     memory["early_exit_total"] = memory["backbone"] + memory["heads_active"]
+    ee(pool[:1])  # builds the runtime (temperature-folded head copies) before anything is measured
     peaks = []
     for b in tqdm(batch_sizes, desc="report: peak memory", disable=not progress):
         x = _batch(pool, 0, b)
-        peaks.append({"batch_size": b, "backbone": peak_live_bytes(ee.backbone, x), "early_exit": peak_live_bytes(ee, x)})
+        peaks.append({"batch_size": b, "backbone": peak_live_bytes(ee.backbone, x),
+                      "early_exit": peak_live_bytes(ee, x)})
     return {
         "flops": {"backbone_per_sample": ee.backbone_flops,
                   "early_exit_per_sample": summary["flops_fraction"] * ee.backbone_flops,
@@ -298,7 +300,10 @@ def _sync(device: str) -> None:
 
 
 def _timed(run, x: torch.Tensor, device: str, per_sample: bool) -> tuple[float, np.ndarray]:
-    """(batch seconds, per-sample seconds until each answer); ``run(x, callback)`` with callback None for the backbone."""
+    """(batch seconds, per-sample seconds until each answer) of ``run(x, callback)``.
+
+    Without ``per_sample`` the callback is None and every sample's answer counts at the end of the batch.
+    """
     stamps = np.full(len(x), np.nan)
     callback = (lambda r: stamps.__setitem__(r.index, time.perf_counter())) if per_sample else None
     _sync(device)
@@ -318,47 +323,62 @@ def _stats(batch_seconds: list[float], sample_seconds: list[np.ndarray], batch: 
 
 def measure_latency(backbone_run, early_run, pool: torch.Tensor, batch_sizes, samples: int, device: str = "cpu",
                     progress: bool = True) -> list[dict]:
-    """Backbone vs early exit per batch size, alternating the two on the same batches (see :data:`LATENCY_METHOD`)."""
-    results = []
+    """Backbone vs early exit per batch size, alternating the two on the same batches (see :data:`LATENCY_METHOD`).
+
+    Each ``run(x, callback)``; ``early_run`` None times the backbone alone.
+    """
+    runs = {"backbone": backbone_run, **({"early_exit": early_run} if early_run is not None else {})}
     per_sample = device == "cpu"  # a callback per sample would force a device sync each time on GPU
-    for b in batch_sizes:
-        count = max(1, math.ceil(samples / b))
+    counts = {b: max(1, math.ceil(samples / b)) for b in batch_sizes}
+    bar = tqdm(total=sum(b * n for b, n in counts.items()), desc=f"report: latency {device}", unit="img",
+               disable=not progress)
+    results = []
+    for b, count in counts.items():
+        bar.set_postfix(batch=b)
+        times = {name: ([], []) for name in runs}
         with torch.inference_mode():
             x = _batch(pool, 0, b).to(device)
-            backbone_run(x, None), early_run(x, None)  # warm-up
-            _sync(device)
-            times = {"backbone": ([], []), "early_exit": ([], [])}
-            for i in tqdm(range(count), desc=f"report: latency {device} b{b}", leave=False, disable=not progress):
+            for run in runs.values():  # warm-up
+                run(x, None)
+            for i in range(count):
                 x = _batch(pool, i * b, b).to(device)
-                order = ("backbone", "early_exit") if i % 2 == 0 else ("early_exit", "backbone")
-                for which in order:
-                    run = backbone_run if which == "backbone" else early_run
-                    elapsed, each = _timed(run, x, device, per_sample and which == "early_exit")
-                    times[which][0].append(elapsed)
-                    times[which][1].append(each)
-        row = {"batch_size": b, "batches": count, **{w: _stats(*t, b) for w, t in times.items()}}
-        row["ratio_mean_latency"] = row["early_exit"]["latency_mean_ms"] / row["backbone"]["latency_mean_ms"]
-        row["ratio_ms_per_sample"] = row["early_exit"]["ms_per_sample"] / row["backbone"]["ms_per_sample"]
+                for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+                    elapsed, each = _timed(runs[name], x, device, per_sample and name == "early_exit")
+                    times[name][0].append(elapsed)
+                    times[name][1].append(each)
+                bar.update(b)
+        row = {"batch_size": b, "batches": count, **{name: _stats(*t, b) for name, t in times.items()}}
+        if "early_exit" in row:
+            row["ratio_mean_latency"] = row["early_exit"]["latency_mean_ms"] / row["backbone"]["latency_mean_ms"]
+            row["ratio_ms_per_sample"] = row["early_exit"]["ms_per_sample"] / row["backbone"]["ms_per_sample"]
         results.append(row)
+    bar.close()
     return results
+
+
+def _cuda_latency(ee, pool: torch.Tensor, batch_sizes, samples: int, progress: bool) -> dict:
+    """GPU latency on copies of the backbone and heads; the backbone alone if the early-exit runtime fails there."""
+    backbone = copy.deepcopy(ee.backbone).cuda().eval()
+    exits = [Exit(e.layer, copy.deepcopy(e.head).cuda().eval(), e.temperature, e.threshold) for e in ee.exits]
+    runner = EarlyExitRunner(backbone, exits, ee.num_classes)
+    result = {"device": torch.cuda.get_device_name(), "error": None}
+    early = lambda x, cb: runner(x)  # noqa: E731
+    try:
+        with torch.inference_mode():
+            runner(_batch(pool, 0, 2).cuda())
+    except Exception as exc:  # noqa: BLE001 - report why, and still time the backbone
+        result["error"], early = f"early exit on GPU failed: {type(exc).__name__}: {exc}", None
+    result["batches"] = measure_latency(lambda x, cb: backbone(x), early, pool, batch_sizes, samples, "cuda",
+                                        progress)
+    return result
 
 
 def latency_report(ee, pool: torch.Tensor, batch_sizes, samples: int, progress: bool = True) -> dict:
     """CPU latency (and GPU when CUDA is available) of the early-exit model against its backbone."""
-    report = {"method": LATENCY_METHOD, "threads": torch.get_num_threads(),
-              "cpu": measure_latency(lambda x, cb: ee.backbone(x), lambda x, cb: ee(x, callback=cb), pool,
-                                     batch_sizes, samples, "cpu", progress),
-              "cuda": None}
-    if torch.cuda.is_available():
-        try:
-            backbone = copy.deepcopy(ee.backbone).cuda().eval()
-            exits = [Exit(e.layer, copy.deepcopy(e.head).cuda().eval(), e.temperature, e.threshold) for e in ee.exits]
-            runner = EarlyExitRunner(backbone, exits, ee.num_classes)
-            report["cuda"] = {"device": torch.cuda.get_device_name(), "batches": measure_latency(
-                lambda x, cb: backbone(x), lambda x, cb: runner(x), pool, batch_sizes, samples, "cuda", progress)}
-        except Exception as exc:  # noqa: BLE001 - the CPU report stands; say why the GPU one is missing
-            report["cuda"] = {"error": f"{type(exc).__name__}: {exc}"}
-    return report
+    return {"method": LATENCY_METHOD, "threads": torch.get_num_threads(),
+            "cpu": measure_latency(lambda x, cb: ee.backbone(x), lambda x, cb: ee(x, callback=cb), pool,
+                                   batch_sizes, samples, "cpu", progress),
+            "cuda": _cuda_latency(ee, pool, batch_sizes, samples, progress) if torch.cuda.is_available() else None}
 
 
 # ---- 5. trade-off curve and budgets ---------------------------------------------------------------------
@@ -413,9 +433,8 @@ def budget_table(curve: list[dict], summary: dict, budgets=BUDGETS) -> list[dict
         if budget >= 1.0:
             within.append(backbone)
         best = max(within, key=lambda p: (p[key], -p["flops_fraction"])) if within else None
-        rows.append({"budget": budget, "ranked_by": key, **({k: best[k] for k in
-                     ("setting", "scale", "flops_fraction", "agreement", "accuracy")} if best else
-                     {"setting": None, "scale": None, "flops_fraction": None, "agreement": None, "accuracy": None})})
+        fields = ("setting", "scale", "flops_fraction", "agreement", "accuracy")
+        rows.append({"budget": budget, "ranked_by": key, **{k: best[k] if best else None for k in fields}})
     return rows
 
 
@@ -473,7 +492,8 @@ def plot_exits(curves: dict, path: Path) -> None:
         ax.plot(c["thresholds"], c["hit_rate"], label="hit rate", color="tab:blue")
         ax.plot(c["thresholds"], _values(c["agreement"]), label="agreement", color="tab:orange")
         if c["accuracy"] is not None:
-            ax.plot(c["thresholds"], _values(c["accuracy"]), label="accuracy (labels)", color="tab:green", linestyle="--")
+            ax.plot(c["thresholds"], _values(c["accuracy"]), label="accuracy (labels)", color="tab:green",
+                    linestyle="--")
         title = f"{layer}  ({c['flops_fraction_at_exit']:.0%} FLOPs)"
         if c["active"]:
             ax.axvline(c["threshold"], color="black", linestyle=":", linewidth=1, label="chosen threshold")
@@ -526,6 +546,7 @@ def plot_latency(latency: dict, path: Path) -> None:
         ax.set(xlabel="batch size", xscale="log", yscale="log")
         ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
@@ -540,8 +561,9 @@ def plot_calibration(calibration: dict, path: Path) -> None:
     for ax, (layer, c) in zip(axes, calibration.items()):
         edges = np.array(c["before"]["edges"])
         centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
-        for key, style in (("after", dict(color="tab:blue", alpha=0.55, label=f"logits / T (T={c['temperature']:.2f})")),
-                           ("before", dict(color="none", edgecolor="tab:red", linewidth=1.2, label="logits"))):
+        scaled = dict(color="tab:blue", alpha=0.55, label=f"logits / T (T={c['temperature']:.2f})")
+        raw = dict(color="none", edgecolor="tab:red", linewidth=1.2, label="logits")
+        for key, style in (("after", scaled), ("before", raw)):
             agreement = np.nan_to_num(_values(c[key]["agreement"]), nan=0.0)
             ax.bar(centres, agreement, width=width, **style)
         ax.plot([0, 1], [0, 1], color="black", linewidth=0.8, linestyle="--")
@@ -653,28 +675,29 @@ def render_html(report: dict) -> str:
     latency = report["latency"]
 
     def latency_rows(rows):
+        keys = ("latency_mean_ms", "latency_p50_ms", "latency_p99_ms", "ms_per_sample")
         return [[r["batch_size"], r["batches"],
-                 *[_fmt(r[w][k], 3) for w in ("backbone", "early_exit")
-                   for k in ("latency_mean_ms", "latency_p50_ms", "latency_p99_ms", "ms_per_sample")],
-                 _fmt(r["ratio_mean_latency"]), _fmt(r["ratio_ms_per_sample"])] for r in rows]
+                 *[_fmt(r[w][k], 3) if w in r else "-" for w in ("backbone", "early_exit") for k in keys],
+                 _fmt(r.get("ratio_mean_latency")), _fmt(r.get("ratio_ms_per_sample"))] for r in rows]
 
     header = ["batch", "batches", *[f"{w} {k}" for w in ("backbone", "early exit")
                                     for k in ("mean ms", "p50 ms", "p99 ms", "ms/sample")],
               "ratio mean latency", "ratio ms/sample"]
-    parts.append(f"<h2>4. Latency</h2><h3>CPU ({latency['threads']} threads)</h3>" + _table(header, latency_rows(latency["cpu"]))
+    parts.append(f"<h2>4. Latency</h2><h3>CPU ({latency['threads']} threads)</h3>"
+                 + _table(header, latency_rows(latency["cpu"]))
                  + _img(figs["latency"], "latency") + f"<p class='note'>{html.escape(latency['method'])}</p>")
     cuda = latency["cuda"]
     if cuda is None:
         parts.append("<p class='note'>No CUDA device: GPU latency not measured.</p>")
-    elif "error" in cuda:
-        parts.append(f"<h3>GPU</h3><p>Not measured: {html.escape(cuda['error'])}</p>")
     else:
-        parts.append(f"<h3>GPU ({html.escape(cuda['device'])})</h3><p class='note'>Per-sample latency is the batch "
-                     "time on GPU (no per-sample callbacks).</p>" + _table(header, latency_rows(cuda["batches"])))
+        error = f"<p>{html.escape(cuda['error'])}: backbone only.</p>" if cuda["error"] else ""
+        parts.append(f"<h3>GPU ({html.escape(cuda['device'])})</h3>{error}<p class='note'>Per-sample latency is the "
+                     "batch time on GPU (no per-sample callbacks).</p>" + _table(header, latency_rows(cuda["batches"])))
 
     trade = report["tradeoff"]
     parts.append(f"<h2>5. Trade-off</h2><p class='note'>{len(trade['points'])} threshold settings of the family "
-                 f"<i>{html.escape(trade['family'])}</i> on exits {html.escape(', '.join(trade['exits']))}, evaluated on "
+                 f"<i>{html.escape(trade['family'])}</i> on exits {html.escape(', '.join(trade['exits']))}, "
+                 "evaluated on "
                  "the recorded predictions of the split; the stars are the bundle's cascade as measured by the "
                  "runtime. Budget table: the best accuracy (or agreement without labels) of any setting, or the plain "
                  "backbone, whose mean FLOPs stay within the budget (the protocol of <i>How to Train Your Multi-Exit "
@@ -734,7 +757,8 @@ def build_report(ee, dataset, rows, out_dir, latency_samples: int = 256, batch_s
     trade = tradeoff_curve(ee, data, layers)
     report = {
         "info": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                 **(info or {}), "samples": summary["num_samples"], "labelled": summary["accuracy_backbone"] is not None,
+                 **(info or {}), "samples": summary["num_samples"],
+                 "labelled": summary["accuracy_backbone"] is not None,
                  "tolerance": ee.tolerance, "active exits": ", ".join(ee.thresholds) or "none",
                  "heads in bundle": len(layers)},
         "summary": summary,

@@ -1,6 +1,7 @@
 """``selfxit report``: write the HTML evaluation report of a bundle (figures + report.json)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def run_report(args) -> dict:
                "data": str(dataset.root), "split": args.split, "seed": seed, "max_samples": max_samples}
     result = report.build_report(ee, dataset, rows, args.out, latency_samples=args.latency_samples,
                                  batch_sizes=report.BATCH_SIZES, bundle_dir=args.bundle, weights_path=args.weights,
-                                 info=details)
+                                 info=details, num_workers=min(2, os.cpu_count() or 1))
     index = Path(args.out) / "index.html"
     print(f"report written to {index} (numbers in {Path(args.out) / 'report.json'})")
     return result

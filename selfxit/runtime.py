@@ -86,15 +86,15 @@ class _AllExited(Exception):
 class _Pass:
     """Book-keeping of one forward pass: which input rows are still running."""
 
-    def __init__(self, batch: int, classes: int, exits: int, shrink: bool, callback):
-        self.alive = torch.arange(batch)
+    def __init__(self, batch: int, classes: int, exits: int, shrink: bool, callback, device):
+        self.alive = torch.arange(batch, device=device)
         self.padded = False  # the running tensor holds a lone survivor twice
         self.shrink, self.callback = shrink, callback
-        self.logits = torch.empty(batch, classes)
-        self.probabilities = torch.empty(batch, classes)
-        self.exit = torch.full((batch,), FINAL, dtype=torch.long)
-        self.all_predictions = torch.empty(exits, batch, dtype=torch.long) if not shrink else None
-        self.all_confidence = torch.empty(exits, batch) if not shrink else None
+        self.logits = torch.empty(batch, classes, device=device)
+        self.probabilities = torch.empty(batch, classes, device=device)
+        self.exit = torch.full((batch,), FINAL, dtype=torch.long, device=device)
+        self.all_predictions = torch.empty(exits, batch, dtype=torch.long, device=device) if not shrink else None
+        self.all_confidence = torch.empty(exits, batch, device=device) if not shrink else None
 
     def answer(self, rows: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, exit_position: int):
         self.logits[rows], self.probabilities[rows], self.exit[rows] = logits, probs, exit_position
@@ -161,7 +161,7 @@ class EarlyExitRunner:
         batch = len(x)
         hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self._modules)]
         try:
-            self._pass = _Pass(batch, self.num_classes, len(self.exits), shrink, callback)
+            self._pass = _Pass(batch, self.num_classes, len(self.exits), shrink, callback, x.device)
             try:
                 final_logits = self.backbone(x)
             except _AllExited:

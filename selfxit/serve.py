@@ -56,6 +56,7 @@ import os
 import threading
 import time
 from collections import deque
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -261,8 +262,12 @@ def _post(loop: asyncio.AbstractEventLoop, fn: Callable, *args) -> None:
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:
-    if not future.done():
-        future.set_exception(error) if error else future.set_result(None)
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class _Batcher:
@@ -302,6 +307,9 @@ class _Batcher:
                 while self._pending and self._pending[0].cancelled:
                     self.pending_items -= len(self._pending.popleft().x)
                 if self._stop:
+                    for job in self._pending:
+                        _post(job.loop, _settle, job.done, ApiError(503, "server shutting down"))
+                    self._pending.clear()
                     return None
                 if not self._pending:
                     self._cv.wait(0.5)
@@ -535,8 +543,6 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
                     pass  # refused: logged and shown in /healthz
                 except Exception:
                     log.exception("reload failed unexpectedly; still watching")
-
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app):

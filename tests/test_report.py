@@ -1,5 +1,7 @@
 """The evaluation report on a small real bundle (shared CIFAR ResNet-20): files, numbers, and the CLI."""
 import argparse
+import contextlib
+import io
 import json
 import math
 import re
@@ -22,25 +24,47 @@ SEED, SAMPLES = 2, 300
 
 @pytest.fixture(scope="module")
 def built(shared, tmp_path_factory):
-    """A saved bundle, the report built from it on the test split, and evaluate() on the same split."""
+    """A saved bundle, its report written by ``selfxit report`` (test split), and evaluate() on the same split.
+
+    One intra-op thread: on a shared 2-core machine, OpenMP waits make multi-threaded small batches ~10x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield _build(shared, tmp_path_factory)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(shared, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
+    data = shared / "data" / "cifar10-test"
     model, info = load_backbone("cifar_resnet20")
-    dataset = ImageFolderData(shared / "data" / "cifar10-test", info, max_samples=SAMPLES, seed=SEED)
-    ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), max_candidates=4)
+    dataset = ImageFolderData(data, info, max_samples=SAMPLES, seed=SEED)
+    ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), max_candidates=3)
     ee.collect(torch.utils.data.DataLoader(dataset, batch_size=100), root / "medial", seed=SEED, augment_copies=1,
                progress=False)
     ee.fit(0.05, distill=DistillConfig(epochs=3), method="joint", progress=False)
     ee.meta = {"model": "cifar_resnet20", "seed": SEED, "max_samples": SAMPLES, "num_samples": len(dataset)}
     bundle = ee.save(root / "bundle")
+
+    parser = argparse.ArgumentParser(prog="selfxit")
+    add_report_parser(parser.add_subparsers(dest="command"))
+    out = root / "out"
+    args = parser.parse_args(["report", "--bundle", str(bundle), "--model", "cifar_resnet20", "--data", str(data),
+                              "--out", str(out), "--latency-samples", "16"])
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+        patch.setattr(report_mod, "BATCH_SIZES", (1, 8))
+        args.func(args)
+    result = json.loads((out / "report.json").read_text())
+
     ee = selfxit.load(bundle, load_backbone("cifar_resnet20")[0])
     rows = split_indices(len(dataset), SEED)["test"]
-    out = root / "out"
-    result = report_mod.build_report(ee, dataset, rows, out, latency_samples=16, batch_sizes=[1, 8],
-                                     bundle_dir=bundle, progress=False)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows.tolist()), batch_size=64)
     evaluation = evaluate(ee, loader, latency=False, progress=False)
-    return {"ee": ee, "bundle": bundle, "out": out, "result": result, "evaluation": evaluation, "root": root,
-            "data": shared / "data" / "cifar10-test"}
+    return {"ee": ee, "bundle": bundle, "out": out, "result": result, "evaluation": evaluation, "args": args,
+            "stdout": stdout.getvalue()}
 
 
 def _close(a, b):
@@ -59,9 +83,7 @@ def test_html_references_existing_images_and_works_offline(built):
 
 
 def test_report_json_matches_evaluate(built):
-    saved = json.loads((built["out"] / "report.json").read_text())
-    assert saved == built["result"]
-    summary, ev = saved["summary"], built["evaluation"]
+    summary, ev = built["result"]["summary"], built["evaluation"]
     assert summary["num_samples"] == ev.num_samples == 90
     for key in ("flops_fraction", "agreement", "accuracy_backbone", "accuracy_early_exit"):
         assert _close(summary[key], getattr(ev, key)), key
@@ -104,7 +126,9 @@ def test_calibration_cost_and_latency(built):
     cost = result["cost"]
     assert cost["flops"]["backbone_per_sample"] == ee.backbone_flops
     assert cost["disk_bytes"]["bundle_total"] == sum(p.stat().st_size for p in built["bundle"].iterdir())
-    assert cost["memory_bytes"]["backbone"] > cost["memory_bytes"]["heads_all"] > 0
+    memory = cost["memory_bytes"]
+    assert memory["backbone"] > 0 and memory["heads_all"] >= memory["heads_active"] > 0
+    assert memory["early_exit_total"] == memory["backbone"] + memory["heads_active"]
     assert [p["batch_size"] for p in cost["peak_live_bytes"]["batches"]] == [1, 8]
     assert all(p["backbone"] > 0 and p["early_exit"] > 0 for p in cost["peak_live_bytes"]["batches"])
     cpu = result["latency"]["cpu"]
@@ -132,23 +156,28 @@ def test_peak_live_bytes_counts_temporaries():
 
 def test_unlabelled_inputs(built, tmp_path):
     ee = built["ee"]
-    inputs = torch.utils.data.TensorDataset(torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
-    result = report_mod.build_report(ee, inputs, None, tmp_path, latency_samples=1, batch_sizes=[2], progress=False)
-    assert result["summary"]["accuracy_backbone"] is None and result["summary"]["num_samples"] == 12
+    inputs = torch.utils.data.TensorDataset(torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    result = report_mod.build_report(ee, inputs, None, tmp_path, latency_samples=1, batch_sizes=[1], progress=False)
+    assert result["summary"]["accuracy_backbone"] is None and result["summary"]["num_samples"] == 6
     assert all(p["accuracy"] is None for p in result["tradeoff"]["points"])
     assert (tmp_path / "index.html").is_file()
+    assert json.loads((tmp_path / "report.json").read_text()) == result
 
 
-def test_cli_report_uses_the_bundle_split(built, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(report_mod, "BATCH_SIZES", (1, 8))
-    parser = argparse.ArgumentParser(prog="selfxit")
-    add_report_parser(parser.add_subparsers(dest="command"))
-    out = tmp_path / "cli-report"
-    args = parser.parse_args(["report", "--bundle", str(built["bundle"]), "--model", "cifar_resnet20",
-                              "--data", str(built["data"]), "--out", str(out), "--latency-samples", "4"])
-    assert args.split == "test" and args.seed is None and args.max_samples is None
-    args.func(args)
-    assert str(out / "index.html") in capsys.readouterr().out
-    saved = json.loads((out / "report.json").read_text())
-    assert saved["summary"] == built["result"]["summary"]  # seed and sample count came from the bundle
-    assert saved["info"]["split"] == "test" and saved["info"]["seed"] == SEED
+def test_cli_report_uses_the_bundle_split(built):
+    args = built["args"]
+    assert args.split == "test" and args.seed is None and args.max_samples is None  # defaults come from the bundle
+    assert str(built["out"] / "index.html") in built["stdout"]
+    info = built["result"]["info"]
+    assert info["split"] == "test" and info["seed"] == SEED and info["max_samples"] == SAMPLES
+
+
+def test_latency_alternates_and_can_time_the_backbone_alone():
+    calls = []
+    backbone = lambda x, cb: calls.append(("backbone", len(x)))  # noqa: E731
+    early = lambda x, cb: calls.append(("early_exit", len(x)))  # noqa: E731
+    rows = report_mod.measure_latency(backbone, early, torch.zeros(5, 2), [1, 4], 4, progress=False)
+    assert [r["batches"] for r in rows] == [4, 1] and all(r["ratio_mean_latency"] > 0 for r in rows)
+    assert [c[0] for c in calls[2:10]] == ["backbone", "early_exit", "early_exit", "backbone"] * 2  # after warm-up
+    alone = report_mod.measure_latency(backbone, None, torch.zeros(5, 2), [2], 2, progress=False)
+    assert "early_exit" not in alone[0] and alone[0]["backbone"]["ms_per_sample"] > 0

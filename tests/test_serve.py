@@ -17,12 +17,14 @@ from PIL import Image
 from websockets.sync.client import connect
 
 import selfxit
+from selfxit.api import EarlyExitModel
+from selfxit.candidates import Candidate
 from selfxit.data import image_transform
 from selfxit.distill import DistillConfig
 from selfxit.heads import DEFAULT_HEAD, build_head
 from selfxit.zoo import load_backbone
 
-MAX_BATCH, MAX_BODY = 16, 1_000_000
+MAX_BATCH, MAX_BODY = 20, 1_000_000
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -223,23 +225,24 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answers(server, b
     start = threading.Barrier(len(files))
 
     def one(path):
-        start.wait(30)
         with httpx.Client(timeout=30) as client:
+            start.wait(30)
             return path, client.post(f"{server['url']}/v1/predict", files=_multipart([path]))
 
     with ThreadPoolExecutor(len(files)) as pool:
         answers = list(pool.map(one, files))
     for path, response in answers:
         assert _items(response) == [expected[path]], path
-    runs, requests = counter("selfxit_microbatches_total") - runs, counter("selfxit_microbatch_requests_total") - requests
+    runs = counter("selfxit_microbatches_total") - runs
+    requests = counter("selfxit_microbatch_requests_total") - requests
     assert requests == len(files) and runs < len(files)  # some requests shared an early-exit run
 
 
 def _other_backbone_bundle(path):
     """A bundle made for cifar_resnet56 (one untrained head): the ResNet-20 server must refuse it."""
     model, _ = load_backbone("cifar_resnet56")
-    ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), candidate_layers=["layer2"])
-    cand = ee.candidates[0]
+    cand = Candidate("layer2", (32, 16, 16), 1)  # built directly: wrap() would spend seconds counting FLOPs
+    ee = EarlyExitModel(model, (3, 32, 32), 10, [cand], backbone_flops=2)
     torch.manual_seed(0)
     ee.heads[cand.name] = build_head(DEFAULT_HEAD, cand.shape, ee.num_classes)
     ee.head_specs[cand.name], ee.temperatures[cand.name], ee.head_flops[cand.name] = DEFAULT_HEAD, 1.0, 1
@@ -295,3 +298,42 @@ def test_hot_reload_refuses_bad_bundles_and_switches_to_a_good_one(server, built
     response = client.post("/v1/predict", files=_multipart(files))
     assert _items(response) == expected and {e for _, e in expected} == {first}
     assert response.json()["bundle"] == 2
+
+
+def test_traffic_logger_hook_sees_every_item_and_feeds_live_agreement(built):
+    """The app served by uvicorn in this process: the hook gets each answered item; its agreement reaches /metrics."""
+    import uvicorn
+
+    from selfxit.serve import BundleLoader, ServeConfig, ServedItem, create_app
+
+    class Recorder:
+        def __init__(self):
+            self.items = []
+
+        def on_result(self, item):
+            self.items.append(item)
+
+        def live_agreement(self):
+            return (0.97, len(self.items)) if self.items else None
+
+    recorder = Recorder()
+    config = ServeConfig(bundle=built["path"], max_wait_ms=0, reload_poll_s=0)
+    app = create_app(BundleLoader(built["path"], "cifar_resnet20"), config, traffic_logger=recorder)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        _wait_until(lambda: server.started, 30, "the in-process server")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            assert "selfxit_live_agreement" not in client.get("/metrics").text
+            response = client.post("/v1/predict", files=_multipart(built["files"][:3]))
+            assert response.status_code == 200
+            metrics = client.get("/metrics").text
+    finally:
+        server.should_exit = True
+        thread.join(15)
+    assert sorted(item.index for item in recorder.items) == [0, 1, 2]
+    assert all(isinstance(item, ServedItem) and item.endpoint == "predict" for item in recorder.items)
+    assert recorder.items[0].input.shape == (3, 32, 32) and recorder.items[0].bundle_generation == 1
+    assert "selfxit_live_agreement 0.97" in metrics and "selfxit_shadow_samples 3" in metrics
