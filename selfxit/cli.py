@@ -70,9 +70,10 @@ def _split_subset(dataset, split: str, seed: int):
     return torch.utils.data.Subset(dataset, split_indices(len(dataset), seed)[split].tolist())
 
 
-def evaluate_bundle(args):
+def load_for_evaluation(args):
+    """(bundle on its backbone, traffic dataset, seed, max_samples): the same sample and split ``enable`` used,
+    unless --seed / --max-samples override what the bundle recorded."""
     import selfxit
-    from .evaluate import evaluate
     model, info = _backbone(args)
     ee = selfxit.load(args.bundle, model)
     meta = ee.meta or {}
@@ -82,6 +83,12 @@ def evaluate_bundle(args):
     if args.split == "test" and meta.get("num_samples") not in (None, len(dataset)):
         print(f"warning: the bundle was fit on {meta['num_samples']} samples, this folder gives {len(dataset)}: "
               "the test split is not the held-back part of the data enable used", file=sys.stderr)
+    return ee, dataset, seed, max_samples
+
+
+def evaluate_bundle(args):
+    from .evaluate import evaluate
+    ee, dataset, seed, _ = load_for_evaluation(args)
     return ee, evaluate(ee, _loader(_split_subset(dataset, args.split, seed), 64))
 
 

@@ -2,28 +2,18 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 
 def run_report(args) -> dict:
     """Load the bundle and the data split the way ``selfxit evaluate`` does, build the report, say where it went."""
-    import selfxit
     from . import report
-    from .cli import _backbone, _traffic
+    from .cli import load_for_evaluation
     from .data import split_indices
 
     if args.latency_samples < 1:
         raise ValueError(f"--latency-samples must be >= 1; got {args.latency_samples}")
-    model, info = _backbone(args)
-    ee = selfxit.load(args.bundle, model)
-    meta = ee.meta or {}
-    seed = args.seed if args.seed is not None else meta.get("seed", 0)
-    max_samples = args.max_samples if args.max_samples is not None else meta.get("max_samples")
-    dataset = _traffic(args, info, max_samples, seed)
-    if args.split == "test" and meta.get("num_samples") not in (None, len(dataset)):
-        print(f"warning: the bundle was fit on {meta['num_samples']} samples, this folder gives {len(dataset)}: "
-              "the test split is not the held-back part of the data enable used", file=sys.stderr)
+    ee, dataset, seed, max_samples = load_for_evaluation(args)
     rows = split_indices(len(dataset), seed)["test"] if args.split == "test" else None
     details = {"bundle": str(args.bundle), "model": args.model, "weights": str(args.weights) if args.weights else None,
                "data": str(dataset.root), "split": args.split, "seed": seed, "max_samples": max_samples}
