@@ -43,7 +43,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "selfxit.serve", "--bundle", str(args.bundle), "--model", args.model,
                "--host", "127.0.0.1", "--port", str(self.port), "--max-wait-ms", str(args.max_wait_ms),
-               "--max-batch", str(max(64, args.images_per_request)), "--reload-poll-s", "0"]
+               "--max-batch", str(max(64, args.images_per_request)), "--reload-poll-s", "0",
+               "--threads", str(args.server_threads)]
         if args.weights:
             cmd += ["--weights", str(args.weights)]
         if plain:
@@ -142,6 +143,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 32])
     p.add_argument("--images-per-request", type=int, default=1)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--server-threads", type=int, default=1,
+                   help="torch threads per server (default 1: the client needs a core too, and spinning "
+                        "OpenMP threads on busy shared cores make every batch wait for the slowest)")
     p.add_argument("--warmup", type=int, default=40, help="unmeasured requests before each level")
     p.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     args = p.parse_args()
@@ -157,8 +161,9 @@ def main() -> None:
     early, plain, rates = measure(args, payloads)
     total = sum(rates.values()) or 1
     print(f"\nbundle {args.bundle} on {args.model}; {args.images_per_request} image(s)/request, "
-          f"max-wait {args.max_wait_ms:g} ms; exits taken (early-exit server): "
-          + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(rates.items())))
+          f"max-wait {args.max_wait_ms:g} ms, {args.server_threads} torch thread(s)/server")
+    shares = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(rates.items()))
+    print(f"exits taken by the early-exit server: {shares}")
     header = (f"{'clients':>7} {'requests':>9} | {'items/s EE':>10} {'plain':>8} {'ratio':>6} | "
               f"{'p50 ms EE':>9} {'plain':>7} {'ratio':>6} | {'p99 ms EE':>9} {'plain':>7} {'ratio':>6}")
     print(header + "\n" + "-" * len(header))

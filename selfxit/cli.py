@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=demo)
 
     from .report_cli import add_report_parser
+    from .serve import add_serve_parser
     add_report_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -17,9 +17,10 @@ Endpoints (all errors are 4xx/5xx JSON ``{"error": "..."}`` naming the problem):
     or a binary message holding one JPEG/PNG image. The server sends, as text JSON messages, one
     ``{"type": "result", "batch": n, "id": ..., "index", "class", "probability", "exit", "latency_ms"}``
     per item the moment its exit fires (early exits first), then ``{"type": "done", "batch": n,
-    "id": ..., "items": B, "latency_ms": t}``; a bad batch gets ``{"type": "error", "batch": n,
-    "id": ..., "status": 4xx, "error": "..."}`` and the connection stays usable. ``n`` counts the
-    client's messages on the connection from 0. One batch is answered at a time per connection.
+    "id": ..., "items": B, "bundle": generation, "latency_ms": t}``; a bad batch gets ``{"type": "error",
+    "batch": n, "id": ..., "status": 4xx, "error": "..."}`` and the connection stays usable. ``n``
+    counts the client's messages on the connection from 0; ``id`` echoes the client's (JSON only).
+    One batch is answered at a time per connection; open more connections for concurrency.
 ``GET /healthz``
     Serving bundle (generation, exits, thresholds), the last reload attempt and queue length;
     ``"status"`` is ``"degraded"`` while the last reload was refused (the old bundle keeps serving).
@@ -236,6 +237,7 @@ class _Job:
         self.done: asyncio.Future = loop.create_future()
         self.cancelled = False
         self.enqueued = time.perf_counter()
+        self.generation = 0  # the bundle generation that answered it (set by the worker)
 
 
 class _Served:
@@ -349,6 +351,8 @@ class _Batcher:
                 _post(job.loop, _settle, job.done, ApiError(400, str(exc)))
         if not ok:
             return
+        for job in ok:
+            job.generation = served.generation
         x = ok[0].x if len(ok) == 1 else torch.cat([job.x for job in ok])
         starts = [0, *itertools.accumulate(len(job.x) for job in ok[:-1])]
 
@@ -576,7 +580,7 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
         return state["next_request"]
 
     async def answer(x: torch.Tensor, endpoint: str, t0: float, on_item: Callable[[dict], None],
-                     request_id: int) -> None:
+                     request_id: int) -> _Job:
         """Queue ``x`` and wait until every item is answered (or the request times out)."""
         job = _Job(x, asyncio.get_running_loop(), on_item, request_id, endpoint, t0)
         batcher.submit(job)
@@ -588,6 +592,7 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
         except asyncio.CancelledError:
             job.cancelled = True
             raise
+        return job
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -667,12 +672,12 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
             check_shape(x)
             items: list[dict] = []
             request_id = next_id()
-            await answer(x, "predict", t0, items.append, request_id)
+            job = await answer(x, "predict", t0, items.append, request_id)
         except ApiError as exc:
             metrics.error("predict", exc.status)
             raise
         items.sort(key=lambda item: item["index"])
-        return {"request_id": request_id, "bundle": state["served"].generation, "items": items}
+        return {"request_id": request_id, "bundle": job.generation, "items": items}
 
     @app.websocket("/v1/stream")
     async def stream(websocket: WebSocket):
@@ -700,11 +705,12 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
                     check_shape(x)
                     sender = asyncio.create_task(_forward(websocket, queue, batch, tag))
                     try:
-                        await answer(x, "stream", t0, queue.put_nowait, next_id())
+                        job = await answer(x, "stream", t0, queue.put_nowait, next_id())
                     finally:
                         queue.put_nowait(None)
                         await sender
                     await websocket.send_json({"type": "done", "batch": batch, "id": tag, "items": len(x),
+                                               "bundle": job.generation,
                                                "latency_ms": round((time.perf_counter() - t0) * 1000, 3)})
                 except ApiError as exc:
                     metrics.error("stream", exc.status)

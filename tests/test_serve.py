@@ -64,7 +64,7 @@ def built(shared, tmp_path_factory):
                      for k, name in enumerate(fitted.thresholds)}
     path = ee.save(root / "served")
     files = [shared / "data" / "cifar10-test" / c / f"{i:04d}.jpg" for c in CLASSES for i in (0, 1)]
-    return {"ee": ee, "model": model, "info": info, "path": path, "files": files, "root": root}
+    return {"ee": ee, "model": model, "info": info, "path": path, "files": files}
 
 
 def _reference(ee, info, files):
@@ -85,7 +85,8 @@ def server(built, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
     cmd = [sys.executable, "-m", "selfxit.serve", "--bundle", str(serving), "--model", "cifar_resnet20",
            "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(MAX_BATCH), "--max-wait-ms", "20",
-           "--max-body-bytes", str(MAX_BODY), "--timeout-s", "30", "--reload-poll-s", "0.2", "--log-level", "warning"]
+           "--max-body-bytes", str(MAX_BODY), "--timeout-s", "30", "--reload-poll-s", "0.2",
+           "--log-level", "warning", "--threads", "1"]  # one thread: on busy shared cores two can stall a batch
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NNI_FRAMEWORK": "none"})
     url = f"http://127.0.0.1:{port}"
     try:
