@@ -61,9 +61,8 @@ def main() -> None:
             print_table(ee, result)
             never = dict(ee.thresholds)
             ee.thresholds = {name: 2.0 for name in never}  # confidences never reach 2: the worst case
-            ee._runner = None
             worst = evaluate(ee, test_loader, latency_samples=300, progress=False)
-            ee.thresholds, ee._runner = never, None
+            ee.thresholds = never
             run = {"evaluation": asdict(result), "fit_seconds": fit_s,
                    "worst_case_latency_ratio_b1": worst.latency_ratio_b1,
                    "worst_case_latency_ratio_b32": worst.latency_ratio_b32,

@@ -85,7 +85,7 @@ class EarlyExitModel:
         self.heads: dict[str, nn.Module] = {}
         self.head_flops: dict[str, int] = {}
         self.temperatures: dict[str, float] = {}
-        self.thresholds: dict[str, float] = {}  # active exits only, in forward order
+        self._thresholds: dict[str, float] = {}
         self.tolerance: float | None = None
         self.report: FitReport | None = None
         self.meta: dict = {}  # free-form provenance saved in the manifest (model name, data split...)
@@ -167,7 +167,6 @@ class EarlyExitModel:
         thresholds, level = results[method]
         self.thresholds = {layers[k]: float(thresholds[k]) for k in np.flatnonzero(np.isfinite(thresholds))}
         self.tolerance = tolerance
-        self._runner = None
         baselines = {m: {s: _summary(stats[s], th, layers) for s in ("val", "test") if len(rows[s])}
                      for m, (th, _) in results.items()}
         self.report = FitReport(tolerance, method, level, reports, baselines[method]["val"],
@@ -201,6 +200,15 @@ class EarlyExitModel:
                 "certified": (cert.chosen.thresholds, cert.confidence_level)}
 
     # ---- inference ---------------------------------------------------------------------------------
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Active exits and their confidence thresholds, in forward order."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: dict[str, float]) -> None:
+        self._thresholds = dict(value)
+        self._runner = None  # the runner is built from the active exits
     @property
     def exits(self) -> list[Exit]:
         """The active exits, in forward order."""

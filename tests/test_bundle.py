@@ -65,6 +65,12 @@ def _failing_save_file(tensors, filename, *args, **kwargs):
     raise OSError("disk full")  # ... then the write fails
 
 
+def _assert_is_bundle_a(path):
+    manifest, loaded = load_bundle(path)
+    assert manifest["tolerance"] == MANIFEST_A["tolerance"]
+    _assert_same_heads(loaded, _heads(0))
+
+
 def test_failed_save_keeps_previous_bundle(tmp_path, monkeypatch):
     path = tmp_path / "b"
     save_bundle(path, MANIFEST_A, _heads(0))
@@ -72,9 +78,7 @@ def test_failed_save_keeps_previous_bundle(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_bundle(path, {"tolerance": 0.5}, _heads(1))
     monkeypatch.undo()
-    manifest, loaded = load_bundle(path)
-    assert manifest["tolerance"] == MANIFEST_A["tolerance"]
-    _assert_same_heads(loaded, _heads(0))
+    _assert_is_bundle_a(path)
     assert _leftovers(tmp_path, "b") == []
 
 
@@ -100,9 +104,7 @@ def test_failed_swap_keeps_previous_bundle(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="rename failed"):
         save_bundle(path, {"tolerance": 0.5}, _heads(1))
     monkeypatch.undo()
-    manifest, loaded = load_bundle(path)
-    assert manifest["tolerance"] == MANIFEST_A["tolerance"]
-    _assert_same_heads(loaded, _heads(0))
+    _assert_is_bundle_a(path)
 
 
 def test_missing_manifest(tmp_path):
