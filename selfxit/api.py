@@ -112,13 +112,16 @@ class EarlyExitModel:
     # ---- training and optimization ---------------------------------------------------------------
     def fit(self, tolerance: float = 0.01, heads: dict | None = None, distill: DistillConfig | None = None,
             method: str = "certified", delta: float = 0.1, max_exits: int | None = 3,
-            retrain: bool = False, progress: bool = True) -> FitReport:
+            retrain: bool = False, progress: bool = True,
+            warm_start: dict[str, nn.Module] | None = None) -> FitReport:
         """Train a head per candidate (KL to the backbone), calibrate, and choose exits and thresholds.
 
         ``heads`` maps layer names to head specs (see :mod:`selfxit.heads`), or is one spec for all.
         ``method``: 'certified' (default) keeps the promise on unseen traffic with probability >= 1 - delta;
         'joint' and 'paper' only hold on the validation split. Heads already trained on this medial
-        dataset with the same spec are reused unless ``retrain``.
+        dataset with the same spec are reused unless ``retrain``. ``warm_start`` maps layer names to
+        trained heads (e.g. the serving bundle's) that training starts from instead of a fresh init,
+        where the spec matches.
         """
         if not 0 < tolerance < 1:
             raise ValueError(f"tolerance must be in (0, 1), e.g. 0.01 for a 1% agreement drop; got {tolerance}")
@@ -139,6 +142,7 @@ class EarlyExitModel:
             if retrain or head is None or self.head_specs.get(cand.name) != specs[cand.name]:
                 torch.manual_seed(distill.seed if distill else 0)
                 head = build_head(specs[cand.name], cand.shape, self.num_classes)
+                _load_warm_start(head, (warm_start or {}).get(cand.name))
                 distill_head(head, medial, cand.name, rows["train"], distill, progress)
             flops = count_flops(head, torch.zeros(1, *cand.shape))
             logits = {s: head_logits(head, medial, cand.name, rows[s]) for s in ("tune", "val", "test")}
@@ -255,6 +259,16 @@ class EarlyExitModel:
             "meta": self.meta,
         }
         return save_bundle(path, manifest, {name: head.state_dict() for name, head in self.heads.items()})
+
+
+def _load_warm_start(head: nn.Module, warm: nn.Module | None) -> None:
+    """Copy ``warm``'s weights into the fresh ``head`` when the architectures match (else keep the fresh init)."""
+    if warm is None:
+        return
+    try:
+        head.load_state_dict(warm.state_dict())
+    except RuntimeError:
+        pass  # the spec changed since the warm head was trained: start fresh
 
 
 def _as_loader(data, batch_size: int, num_workers: int):
