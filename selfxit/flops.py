@@ -29,9 +29,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-# Name the accelerator so DeepSpeed does not probe for one and print a warning on stdout at import.
-os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-from deepspeed.profiling.flops_profiler import profiler as _ds  # noqa: E402
+
+
+def _deepspeed_profiler():
+    """DeepSpeed's profiler module, imported on first use (importing it is slow, and loading or serving a
+    bundle never counts FLOPs)."""
+    # Name the accelerator so DeepSpeed does not probe for one and print a warning on stdout at import.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    from deepspeed.profiling.flops_profiler import profiler
+    return profiler
 
 
 def count_flops(module: nn.Module, example_input: torch.Tensor) -> int:
@@ -95,7 +101,7 @@ def _running_total(model: nn.Module) -> int:
     finished = sum(m.__flops__ for m in model.modules())
     # Functionals called directly in a still-running forward (e.g. F.relu in the top-level forward)
     # sit in DeepSpeed's per-module stack until that module returns.
-    pending = sum(flops for frame in _ds.module_flop_count for _, flops in frame)
+    pending = sum(flops for frame in _deepspeed_profiler().module_flop_count for _, flops in frame)
     return finished + pending
 
 
@@ -106,10 +112,11 @@ def _one_sample(example_input: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _profiling(model: nn.Module) -> Iterator[_ds.FlopsProfiler]:
+def _profiling(model: nn.Module) -> Iterator:
     """Profile ``model`` in eval mode with grad on, restoring modes, ``requires_grad`` and hooks afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
+    _ds = _deepspeed_profiler()
     prof = _ds.FlopsProfiler(model)
     try:
         model.eval()
