@@ -1,0 +1,113 @@
+"""``selfxit collect``: append a folder of images to a traffic log as if they had arrived as requests."""
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .shift import SHIFTS, apply_shift, check_shift
+
+
+def shift_seed(seed: int, index: int) -> int:
+    """The per-image seed of a shift: independent streams for every (run seed, image position)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def _encoded_image(path: Path, kind: str | None, seed: int, strength: float | None) -> tuple[bytes, str]:
+    """(bytes, content type) as the traffic would carry them: the file as is, or the shifted image as PNG."""
+    from PIL import Image
+
+    raw = path.read_bytes()
+    with Image.open(io.BytesIO(raw)) as img:
+        img.load()
+        if kind is None:
+            return raw, Image.MIME.get(img.format or "", "application/octet-stream")
+        out = io.BytesIO()
+        apply_shift(img, kind, seed, strength).save(out, format="PNG")
+    return out.getvalue(), "image/png"
+
+
+def run_collect(args) -> dict:
+    """Log every image of ``--data`` (optionally shifted) with the backbone's softmax; returns the counts."""
+    import torch
+    from tqdm import tqdm
+
+    from .data import CorruptImageError, ImageFolderData
+    from .traffic import TrafficLog, TrafficLogError, TrafficRecord, record_input
+    from .zoo import load_backbone
+
+    if not 0 < args.fraction <= 1:
+        raise ValueError(f"--fraction must be in (0, 1]; got {args.fraction}")
+    if args.transform is None and (args.fraction != 1 or args.strength is not None):
+        raise ValueError("--fraction and --strength need --transform (one of: " + ", ".join(SHIFTS) + ")")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    strength = check_shift(args.transform, args.strength) if args.transform else None
+    model, info = load_backbone(args.model, args.weights)
+    dataset = ImageFolderData(args.data, info, max_samples=args.max_samples, seed=args.seed)
+    n = len(dataset)
+    shifted = set()
+    if args.transform:
+        chosen = np.random.default_rng(args.seed).choice(n, max(1, round(args.fraction * n)), replace=False)
+        shifted = set(chosen.tolist())
+
+    counts = {"records": 0, "shifted": 0, "corrupt": 0}
+    pending: list = []
+
+    def run_backbone(log: TrafficLog) -> None:
+        with torch.inference_mode():
+            probs = torch.softmax(model(torch.stack([x for _, x in pending])).float(), dim=1).numpy()
+        now = time.time()
+        for (record, _), p in zip(pending, probs):
+            record.timestamp, record.backbone_probs, record.prediction = now, p, int(p.argmax())
+            log.append(record)
+        counts["records"] += len(pending)
+        pending.clear()
+
+    try:
+        with TrafficLog(args.log) as log, tqdm(total=n, desc="collect", unit="img") as bar:
+            for i, path in enumerate(dataset.paths):
+                kind = args.transform if i in shifted else None
+                seed = shift_seed(args.seed, i)
+                try:
+                    encoded, content_type = _encoded_image(path, kind, seed, strength)
+                    record = TrafficRecord(timestamp=0.0, encoded=encoded, content_type=content_type, exit="final",
+                                           source="collect", meta={"file": str(path.relative_to(dataset.root)),
+                                                                   "shift": kind, "shift_seed": seed if kind else None})
+                    pending.append((record, record_input(record, info)))
+                except (OSError, SyntaxError, ValueError, CorruptImageError) as e:
+                    warnings.warn(f"skipping corrupt image {path}: {e}", stacklevel=2)
+                    counts["corrupt"] += 1
+                else:
+                    counts["shifted"] += kind is not None
+                if len(pending) >= args.batch_size:
+                    run_backbone(log)
+                bar.update(1)
+            if pending:
+                run_backbone(log)
+    except TrafficLogError as e:
+        raise RuntimeError(f"traffic log {args.log}: {e}") from e
+    shift = f"{counts['shifted']} shifted by {args.transform} (strength {strength})" if args.transform else "no shift"
+    print(f"collected {counts['records']} records into {args.log} ({shift}); "
+          f"{counts['corrupt']} corrupt image(s) skipped")
+    return counts
+
+
+def add_collect_parser(subparsers) -> None:
+    """Register the ``collect`` subcommand on an argparse ``subparsers`` object."""
+    p = subparsers.add_parser("collect", help="append a folder of images to a traffic log, as if they were requests")
+    p.add_argument("--model", required=True, help="cifar_resnet20/32/44/56/110 or a torchvision classifier name")
+    p.add_argument("--weights", type=Path, help="checkpoint file (state dict) for the model")
+    p.add_argument("--data", required=True, help="image folder (ImageFolder layout or flat); labels are ignored")
+    p.add_argument("--log", required=True, help="traffic log: a folder or an fsspec URL (e.g. s3://bucket/log)")
+    p.add_argument("--transform", choices=SHIFTS, help="simulate drift: shift the images (re-encoded as PNG)")
+    p.add_argument("--strength", type=float, help="shift strength (default per shift: blur radius 1 px, "
+                                                  "noise std 0.1, brightness factor 1.5)")
+    p.add_argument("--fraction", type=float, default=1.0, help="share of the images that get the shift (seeded)")
+    p.add_argument("--max-samples", type=int, help="use a seeded random subset of the images")
+    p.add_argument("--seed", type=int, default=0, help="seeds the subset, the shifted share and the noise")
+    p.add_argument("--batch-size", type=int, default=64, help="images per backbone run")
+    p.set_defaults(func=lambda a: run_collect(a) and None)
