@@ -36,6 +36,14 @@ Micro-batching: requests are queued; one worker thread (the runner is not re-ent
 arrived within ``max_wait_ms`` of the oldest queued request (up to ``max_microbatch`` items), runs it
 as one early-exit batch, and routes each item's answer back to its own request.
 
+``GET /v1/monitor``
+    Live agreement with the backbone on shadow-run items (overall and per exit), per-exit hit rates
+    on all items, and the traffic log's state (see :mod:`selfxit.monitor`); also in ``/healthz``.
+
+Traffic log and shadow sampling: ``ServeConfig.log`` / ``--log LOG`` appends ``log_fraction`` of the
+served items to a traffic log, and ``shadow_fraction`` of them also run the whole backbone after their
+answer went out. A log that fails is switched off (reason in ``/healthz``) and serving goes on.
+
 Traffic-log hook: ``create_app(..., traffic_logger=...)`` takes an object with
 ``on_result(item: ServedItem)`` (or a plain callable taking a ``ServedItem``). It is called on the event
 loop thread for every answered item, so it must be quick (hand I/O to a queue or thread). If it also
@@ -93,6 +101,9 @@ class ServeConfig:
     max_image_pixels: int = 4096 * 4096
     request_timeout_s: float = 30.0
     reload_poll_s: float = 1.0  # 0 turns off watching the bundle folder
+    log: str | None = None  # traffic log directory or fsspec URL (see selfxit.monitor); None: no logging
+    log_fraction: float = 0.1  # fraction of served items appended to the log
+    shadow_fraction: float = 0.02  # fraction of served items also run through the whole backbone
 
 
 @dataclass
@@ -221,8 +232,9 @@ class _Metrics:
             family("selfxit_microbatch_items_total", "counter", "Items in those runs.", [("", self.microbatch_items)])
             family("selfxit_reloads_total", "counter", "Bundle reload attempts by result.",
                    [(f'{{result="{r}"}}', n) for r, n in sorted(self.reloads.items())])
-        for name, (help_text, value) in gauges.items():
-            family(name, "gauge", help_text, [("", float(value))])
+        for name, (help_text, value) in gauges.items():  # value: a number, or [(labels, number), ...]
+            family(name, "gauge", help_text, [(labels, float(v)) for labels, v in value] if isinstance(value, list)
+                   else [("", float(value))])
         return "\n".join(lines) + "\n"
 
 
@@ -231,8 +243,8 @@ class _Job:
     """One request's items on their way through the worker."""
 
     def __init__(self, x: torch.Tensor, loop: asyncio.AbstractEventLoop, on_item: Callable[[dict], None],
-                 request_id: int, endpoint: str, t0: float):
-        self.x, self.loop, self.on_item = x, loop, on_item
+                 request_id: int, endpoint: str, t0: float, encoded: list[tuple[bytes, str]] | None = None):
+        self.x, self.loop, self.on_item, self.encoded = x, loop, on_item, encoded
         self.request_id, self.endpoint, self.t0 = request_id, endpoint, t0
         self.done: asyncio.Future = loop.create_future()
         self.cancelled = False
@@ -246,6 +258,7 @@ class _Served:
     def __init__(self, ee, generation: int, path: Path | None, manifest_sha256: str | None):
         self.ee, self.generation = ee, generation
         self.exit_names = list(ee.thresholds)  # exit position -> layer name
+        self.version = (ee.meta or {}).get("version") or manifest_sha256  # recorded with logged traffic
         self.describe = {"path": str(path) if path else None, "generation": generation,
                          "exits": [{"layer": n, "threshold": t} for n, t in ee.thresholds.items()],
                          "tolerance": ee.tolerance, "manifest_sha256": manifest_sha256,
@@ -275,8 +288,10 @@ def _settle(future: asyncio.Future, error: BaseException | None) -> None:
 class _Batcher:
     """Gathers queued jobs into micro-batches and runs them on one worker thread."""
 
-    def __init__(self, config: ServeConfig, served: Callable[[], _Served], deliver: Callable, metrics: _Metrics):
+    def __init__(self, config: ServeConfig, served: Callable[[], _Served], deliver: Callable, metrics: _Metrics,
+                 monitor=None):
         self.config, self._served, self._deliver, self._metrics = config, served, deliver, metrics
+        self._monitor = monitor
         self._cv = threading.Condition()
         self._pending: deque[_Job] = deque()
         self.pending_items = 0
@@ -369,7 +384,7 @@ class _Batcher:
 
         self._metrics.microbatch(len(ok), len(x))
         try:
-            ee(x, callback=callback)
+            output = ee(x, callback=callback)
         except Exception as exc:
             log.exception("early-exit run failed")
             for job in ok:
@@ -377,6 +392,12 @@ class _Batcher:
             return
         for job in ok:
             _post(job.loop, _settle, job.done, None)
+        if self._monitor is not None:  # after the answers went out: shadow runs and logging cost no latency
+            encoded = [blob for job in ok for blob in (job.encoded or [None] * len(job.x))]
+            try:
+                self._monitor.observe(x, output, served.exit_names, ee.backbone, served.version, encoded)
+            except Exception:
+                log.exception("traffic monitor failed (ignored)")
 
 
 # ---- request parsing ---------------------------------------------------------------------------------
@@ -426,6 +447,10 @@ def _decode_image(data: bytes, name: str, transform, max_pixels: int) -> torch.T
 
 
 # ---- the app -----------------------------------------------------------------------------------------
+def _image_type(data: bytes) -> str:
+    return "image/png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
+
+
 def _signature(bundle: Path | None):
     """What the watcher compares: inode, mtime and size of the manifest and heads files."""
     if bundle is None:
@@ -459,12 +484,15 @@ def _as_logger(traffic_logger) -> TrafficLogger:
 
 
 def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig | None = None, *,
-               info=None, traffic_logger: TrafficLogger | Callable[[ServedItem], None] | None = None):
+               info=None, traffic_logger: TrafficLogger | Callable[[ServedItem], None] | None = None,
+               monitor=None):
     """Build the FastAPI app; the first bundle is loaded now (errors raise here).
 
     ``ee_loader()`` returns an EarlyExitModel and is called again on every reload; by default it is a
     :class:`BundleLoader` for ``config.bundle``/``config.model``. ``info`` (a ``ModelInfo``, default the
     loader's ``info``) gives image preprocessing; without it only tensor inputs are accepted.
+    ``monitor`` (a :class:`selfxit.monitor.TrafficMonitor`; by default one built from ``config.log``,
+    ``config.log_fraction`` and ``config.shadow_fraction``) logs traffic and measures live agreement.
     """
     from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
     from fastapi.responses import JSONResponse, PlainTextResponse
@@ -483,6 +511,9 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
         raise ValueError("max_wait_ms and reload_poll_s must be >= 0 and request_timeout_s > 0")
     info = info if info is not None else getattr(ee_loader, "info", None)
     logger = _as_logger(traffic_logger)
+    if monitor is None:
+        from .monitor import MonitorConfig, TrafficMonitor
+        monitor = TrafficMonitor(MonitorConfig(config.log, config.log_fraction, config.shadow_fraction))
     bundle = Path(config.bundle) if config.bundle else None
     metrics = _Metrics()
     signature = _signature(bundle)
@@ -506,7 +537,7 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
         except Exception:
             log.exception("traffic logger failed (ignored)")
 
-    batcher = _Batcher(config, lambda: state["served"], deliver, metrics)
+    batcher = _Batcher(config, lambda: state["served"], deliver, metrics, monitor)
 
     async def reload(reason: str) -> dict:
         async with reload_lock:
@@ -558,9 +589,11 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
             if watcher:
                 watcher.cancel()
             await asyncio.to_thread(batcher.stop)
+            await asyncio.to_thread(monitor.close)
 
     app = FastAPI(title="selfxit", lifespan=lifespan)
     app.state.metrics, app.state.batcher, app.state.serving = metrics, batcher, state
+    app.state.monitor = monitor
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
@@ -580,9 +613,9 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
         return state["next_request"]
 
     async def answer(x: torch.Tensor, endpoint: str, t0: float, on_item: Callable[[dict], None],
-                     request_id: int) -> _Job:
+                     request_id: int, encoded: list[tuple[bytes, str]] | None = None) -> _Job:
         """Queue ``x`` and wait until every item is answered (or the request times out)."""
-        job = _Job(x, asyncio.get_running_loop(), on_item, request_id, endpoint, t0)
+        job = _Job(x, asyncio.get_running_loop(), on_item, request_id, endpoint, t0, encoded)
         batcher.submit(job)
         try:
             await asyncio.wait_for(asyncio.shield(job.done), config.request_timeout_s)
@@ -611,7 +644,7 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
             raise ApiError(415, "this server has no image preprocessing; send a JSON tensor")
         return torch.stack([_decode_image(data, name, transform, config.max_image_pixels) for name, data in blobs])
 
-    async def parse_multipart(request: Request, body: bytes) -> torch.Tensor:
+    async def parse_multipart(request: Request, body: bytes) -> tuple[torch.Tensor, list[tuple[bytes, str]]]:
         async def replay():
             return {"type": "http.request", "body": body, "more_body": False}
 
@@ -636,9 +669,10 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
             ctype = (part.content_type or "application/octet-stream").split(";")[0].strip().lower()
             if ctype not in IMAGE_TYPES:
                 raise ApiError(415, f"{name}: unsupported content type {ctype!r}; send image/jpeg or image/png")
-            blobs.append((name, await part.read()))
+            blobs.append((name, await part.read(), ctype))
         await form.close()
-        return await asyncio.to_thread(decode_images, blobs)
+        x = await asyncio.to_thread(decode_images, [(name, data) for name, data, _ in blobs])
+        return x, [(data, _image_type(data)) for _, data, _ in blobs]
 
     async def parse_json(body: bytes) -> torch.Tensor:
         def parse():
@@ -668,11 +702,15 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
                 raise ApiError(415, f"unsupported content type {ctype or 'none'!r}; send multipart/form-data "
                                     "(images in field 'files') or application/json {\"inputs\": [...]}")
             body = await read_body(request)
-            x = await (parse_multipart(request, body) if ctype == "multipart/form-data" else parse_json(body))
+            encoded = None
+            if ctype == "multipart/form-data":
+                x, encoded = await parse_multipart(request, body)
+            else:
+                x = await parse_json(body)
             check_shape(x)
             items: list[dict] = []
             request_id = next_id()
-            job = await answer(x, "predict", t0, items.append, request_id)
+            job = await answer(x, "predict", t0, items.append, request_id, encoded)
         except ApiError as exc:
             metrics.error("predict", exc.status)
             raise
@@ -691,10 +729,12 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
                 t0 = time.perf_counter()
                 metrics.request("stream")
                 tag = None
+                encoded = None
                 queue: asyncio.Queue = asyncio.Queue()
                 try:
                     if message.get("bytes") is not None:
                         x = await asyncio.to_thread(decode_images, [("image", message["bytes"])])
+                        encoded = [(message["bytes"], _image_type(message["bytes"]))]
                     else:
                         try:
                             payload = json.loads(message.get("text") or "")
@@ -705,7 +745,7 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
                     check_shape(x)
                     sender = asyncio.create_task(_forward(websocket, queue, batch, tag))
                     try:
-                        job = await answer(x, "stream", t0, queue.put_nowait, next_id())
+                        job = await answer(x, "stream", t0, queue.put_nowait, next_id(), encoded)
                     finally:
                         queue.put_nowait(None)
                         await sender
@@ -727,7 +767,12 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
         last = state["last_reload"]
         return {"status": "degraded" if last and not last["ok"] else "ok", "plain": config.plain,
                 "bundle": state["served"].describe, "last_reload": last, "queue_items": batcher.pending_items,
-                "uptime_s": round(time.time() - state["started"], 1)}
+                "uptime_s": round(time.time() - state["started"], 1), "monitor": monitor.snapshot()}
+
+    @app.get("/v1/monitor")
+    async def monitor_view():
+        """Live agreement with the backbone (shadow-run items), per-exit hit rates and agreement, logging."""
+        return monitor.snapshot()
 
     @app.get("/metrics")
     async def metrics_text():
@@ -735,7 +780,16 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
                   "selfxit_bundle_generation": ("Bundle generation being served (1 = first).",
                                                 state["served"].generation)}
         live = getattr(logger, "live_agreement", None)
-        value = live() if callable(live) else None
+        value = live() if callable(live) else monitor.live_agreement()
+        snapshot = monitor.snapshot()
+        gauges["selfxit_exit_hit_rate"] = ("Fraction of served items answered at each exit.",
+                                           [(f'{{exit="{_label(n)}"}}', r) for n, r in sorted(snapshot["hit_rates"].items())])
+        gauges["selfxit_exit_live_agreement"] = (
+            "Shadow-sampled agreement with the backbone of items answered at each exit.",
+            [(f'{{exit="{_label(n)}"}}', e["agreement"]) for n, e in sorted(snapshot["exit_agreement"].items())])
+        gauges["selfxit_traffic_logged_items"] = ("Items appended to the traffic log.", snapshot["logging"]["logged"])
+        gauges["selfxit_traffic_log_enabled"] = ("1 while traffic logging works, 0 when off or failed.",
+                                                 int(snapshot["logging"]["enabled"]))
         if value is not None:
             agreement, samples = value
             gauges["selfxit_live_agreement"] = ("Shadow-sampled agreement of served answers with the backbone.",
@@ -785,6 +839,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     p.add_argument("--timeout-s", type=float, default=d.request_timeout_s, help="request timeout")
     p.add_argument("--reload-poll-s", type=float, default=d.reload_poll_s, help="bundle polling period; 0: off")
+    p.add_argument("--log", help="traffic log folder or fsspec URL to append sampled traffic to (default: none)")
+    p.add_argument("--log-fraction", type=float, default=d.log_fraction, help="fraction of items logged")
+    p.add_argument("--shadow-fraction", type=float, default=d.shadow_fraction,
+                   help="fraction of items also run through the whole backbone to measure live agreement")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=serve)
@@ -797,7 +855,8 @@ def config_from_args(args) -> ServeConfig:
                        host=args.host, port=args.port, max_wait_ms=args.max_wait_ms, max_batch=args.max_batch,
                        max_microbatch=args.max_microbatch, max_queue_items=args.max_queue_items,
                        max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout_s,
-                       reload_poll_s=args.reload_poll_s)
+                       reload_poll_s=args.reload_poll_s, log=args.log, log_fraction=args.log_fraction,
+                       shadow_fraction=args.shadow_fraction)
 
 
 def serve(args) -> None:

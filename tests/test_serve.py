@@ -81,13 +81,19 @@ def server(built, tmp_path_factory):
     """`python -m selfxit.serve` on a free loopback port, serving a copy of the bundle (killed at teardown)."""
     serving = tmp_path_factory.mktemp("serving") / "bundle"
     shutil.copytree(built["path"], serving)
+    yield from _serve(serving, tmp_path_factory.mktemp("log") / "server.log")
+
+
+def _serve(serving, log_path, extra=(), preexec_fn=None):
+    """Run the server on ``serving`` until the generator is closed; yields what the tests need."""
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
+    log = open(log_path, "w+")
     cmd = [sys.executable, "-m", "selfxit.serve", "--bundle", str(serving), "--model", "cifar_resnet20",
            "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(MAX_BATCH), "--max-wait-ms", "20",
            "--max-body-bytes", str(MAX_BODY), "--timeout-s", "30", "--reload-poll-s", "0.2",
-           "--log-level", "warning", "--threads", "1"]  # one thread: on busy shared cores two can stall a batch
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NNI_FRAMEWORK": "none"})
+           "--log-level", "warning", "--threads", "1", *extra]  # one thread: on busy shared cores two can stall a batch
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NNI_FRAMEWORK": "none"},
+                            preexec_fn=preexec_fn)
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=url, timeout=30) as client:
@@ -101,7 +107,7 @@ def server(built, tmp_path_factory):
                     return False
 
             _wait_until(up, 90, "the server to answer /healthz")
-            yield {"url": url, "port": port, "bundle": serving, "client": client, "log": log}
+            yield {"url": url, "port": port, "bundle": serving, "client": client, "log": log, "proc": proc}
     finally:
         proc.terminate()
         try:
@@ -338,3 +344,68 @@ def test_traffic_logger_hook_sees_every_item_and_feeds_live_agreement(built):
     assert all(isinstance(item, ServedItem) and item.endpoint == "predict" for item in recorder.items)
     assert recorder.items[0].input.shape == (3, 32, 32) and recorder.items[0].bundle_generation == 1
     assert "selfxit_live_agreement 0.97" in metrics and "selfxit_shadow_samples 3" in metrics
+
+
+def test_served_traffic_is_logged_and_shadow_runs_measure_live_agreement(built, tmp_path):
+    """--log with every item logged and shadow-run: the log holds the JPEG bytes, the exit, the bundle version
+    and the backbone's softmax; /v1/monitor and /metrics report live agreement and hit rates."""
+    from selfxit.traffic import TrafficLog
+    serving = tmp_path / "bundle"
+    shutil.copytree(built["path"], serving)
+    run = _serve(serving, tmp_path / "server.log", ["--log", str(tmp_path / "traffic"), "--log-fraction", "1",
+                                                     "--shadow-fraction", "1"])
+    srv = next(run)
+    files = built["files"][:6]
+    response = srv["client"].post("/v1/predict", files=_multipart(files))
+    assert response.status_code == 200
+    # the monitor runs after the answers went out, so it may lag the response a little
+    monitor = _wait_until(lambda: (m := srv["client"].get("/v1/monitor").json())["logging"]["logged"] == 6 and m,
+                          30, "the monitor to account for the request")
+    metrics = srv["client"].get("/metrics").text
+    version = srv["client"].get("/healthz").json()["bundle"]["manifest_sha256"]
+    srv["proc"].terminate()  # a clean shutdown flushes the log
+    srv["proc"].wait(20)
+    run.close()
+    assert monitor["items"] == 6 and monitor["shadow_samples"] == 6 and monitor["logging"]["logged"] == 6
+    assert 0 <= monitor["live_agreement"] <= 1 and sum(monitor["hit_rates"].values()) == pytest.approx(1)
+    assert "selfxit_live_agreement" in metrics and 'selfxit_exit_hit_rate{exit="final"}' in metrics
+    records = sorted(TrafficLog(tmp_path / "traffic").read(), key=lambda r: r.encoded)
+    assert len(records) == 6
+    sent = sorted(f.read_bytes() for f in files)
+    assert [r.encoded for r in records] == sent and all(r.content_type == "image/jpeg" for r in records)
+    _, expected = _reference(built["ee"], built["info"], files)
+    by_bytes = {f.read_bytes(): e for f, e in zip(files, expected)}
+    reference_ee = built["ee"]
+    for r in records:
+        assert (r.prediction, r.exit) == by_bytes[r.encoded]
+        assert r.shadow and r.bundle_version == version and r.backbone_probs.shape == (reference_ee.num_classes,)
+    agree = np.mean([int(np.argmax(r.backbone_probs)) == r.prediction for r in records])
+    assert monitor["live_agreement"] == pytest.approx(agree)
+
+
+def test_a_full_disk_switches_logging_off_and_the_server_keeps_serving(built, tmp_path):
+    """A real server process whose file size limit runs out mid-log: every request is still answered, and
+    /healthz says logging is off and why."""
+    import resource
+
+    serving = tmp_path / "bundle"
+    shutil.copytree(built["path"], serving)
+
+    def small_files():  # the traffic shard hits this limit after a few dozen JPEGs (SIGXFSZ is ignored by Python)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (48_000, 48_000))
+
+    run = _serve(serving, tmp_path / "server.log", ["--log", str(tmp_path / "traffic"), "--log-fraction", "1",
+                                                     "--shadow-fraction", "0"], preexec_fn=small_files)
+    srv = next(run)
+    try:
+        statuses = [srv["client"].post("/v1/predict", files=_multipart(built["files"][:10])).status_code
+                    for _ in range(12)]
+        time.sleep(1.5)  # the idle buffer is flushed by the log's timer; its error surfaces on the next append
+        statuses.append(srv["client"].post("/v1/predict", files=_multipart(built["files"][:2])).status_code)
+        health = srv["client"].get("/healthz").json()
+    finally:
+        run.close()
+    assert statuses == [200] * 13
+    logging_state = health["monitor"]["logging"]
+    assert logging_state["enabled"] is False and logging_state["error"], logging_state
+    assert "traffic" in logging_state["error"] or "shard" in logging_state["error"]
