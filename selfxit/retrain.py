@@ -1,0 +1,226 @@
+"""The nightly job: retrain the exits on logged traffic and publish them only if they pass validation.
+
+Steps (``retrain``):
+
+1. Read the log's records in the window (``since``), oldest first. The newest ``holdout_fraction``
+   of them are held back for validation; the rest is the new traffic.
+2. Rebuild the medial dataset from that traffic by re-running the frozen backbone with hooks (the
+   logged softmax is not trusted: only some records have it, and the backbone is the reference).
+3. Train heads warm-started from the current bundle's heads, recalibrate, re-choose exits and
+   thresholds (the same ``fit`` as ``enable``, same tolerance unless given).
+4. Run the current and the candidate bundle on the held-back recent traffic and publish the
+   candidate as a new version only if its agreement drop stays within the tolerance and it saves
+   at least as many FLOPs as the current bundle — or the current bundle has itself broken the
+   tolerance on that traffic (a stale bundle that breaks the promise is never kept for its savings).
+   Otherwise the current bundle stays and the result says why.
+
+Publishing goes through :class:`selfxit.versions.BundleStore` (atomic; last N kept; rollback). The
+candidate is built in a temporary folder, so a job killed at any point leaves the published bundle
+untouched. A bundle records the digest of the window it was trained on; running the job again on
+the same window with that bundle current does nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .api import EarlyExitModel, load, wrap
+from .distill import DistillConfig
+from .evaluate import evaluate
+from .traffic import TrafficLog, record_input
+from .versions import BundleStore
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str | float | None) -> float | None:
+    """'24h', '30m', '7d', '90s' or a number of seconds -> seconds (None stays None)."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"duration {text!r} not understood: use e.g. 90s, 30m, 24h or 7d")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+@dataclass
+class RetrainConfig:
+    """Settings of one retrain run."""
+
+    since: float | None = 86400.0  # seconds back from now; None: the whole log
+    holdout_fraction: float = 0.3  # newest share of the window used only for validation
+    tolerance: float | None = None  # default: the current bundle's
+    delta: float = 0.1
+    max_exits: int = 3
+    min_records: int = 200
+    seed: int = 0
+    augment_copies: int = 2
+    epochs: int = 10  # warm-started heads need fewer epochs than fresh ones
+    keep: int = 5  # published versions kept
+
+    def __post_init__(self):
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction must be in (0, 1); got {self.holdout_fraction}")
+        if self.tolerance is not None and not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance must be in (0, 1); got {self.tolerance}")
+        if self.min_records < 20:
+            raise ValueError(f"min_records must be at least 20; got {self.min_records}")
+
+
+@dataclass
+class BundleCheck:
+    """A bundle's numbers on the held-back recent traffic."""
+
+    flops_fraction: float
+    agreement: float
+    exit_rates: dict[str, float]
+
+
+@dataclass
+class RetrainResult:
+    """What the job did and why."""
+
+    published: bool
+    version: str | None  # the current version after the job
+    reason: str
+    records: int = 0
+    train_records: int = 0
+    holdout_records: int = 0
+    tolerance: float | None = None
+    window_digest: str | None = None
+    current: BundleCheck | None = None
+    candidate: BundleCheck | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def window_digest(records) -> str:
+    """A digest naming the set of records a bundle was trained on."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(f"{r.timestamp!r}|{r.source}|{r.prediction}|".encode())
+        digest.update(r.encoded[:64] if r.encoded else (r.input.flatten()[:16].numpy().tobytes() if r.input is not None else b""))
+    return digest.hexdigest()[:32]
+
+
+def _check(ee: EarlyExitModel, inputs: torch.Tensor) -> BundleCheck:
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=128)
+    result = evaluate(ee, loader, latency=False, progress=False)
+    return BundleCheck(result.flops_fraction, result.agreement, result.exit_rates)
+
+
+def decide(current: BundleCheck, candidate: BundleCheck, tolerance: float) -> tuple[bool, str]:
+    """The publish rule (see the module docstring); returns (publish, reason)."""
+    drop, current_drop = 1 - candidate.agreement, 1 - current.agreement
+    if drop > tolerance:
+        return False, (f"candidate agreement {candidate.agreement:.4f} drops {drop:.4f} > tolerance {tolerance:g} "
+                       "on held-back recent traffic")
+    if current_drop > tolerance:
+        return True, (f"current bundle breaks the tolerance on recent traffic (agreement {current.agreement:.4f}); "
+                      f"candidate keeps it ({candidate.agreement:.4f}) at FLOPs fraction {candidate.flops_fraction:.3f}")
+    if candidate.flops_fraction > current.flops_fraction:
+        return False, (f"candidate saves fewer FLOPs on recent traffic ({candidate.flops_fraction:.3f} of the backbone "
+                       f"vs {current.flops_fraction:.3f} for the current bundle)")
+    return True, (f"candidate within tolerance (agreement {candidate.agreement:.4f}) and FLOPs fraction "
+                  f"{candidate.flops_fraction:.3f} <= current {current.flops_fraction:.3f}")
+
+
+def retrain(log: str | Path | TrafficLog, store: BundleStore, model: torch.nn.Module, info,
+            config: RetrainConfig | None = None, current_bundle: str | Path | None = None,
+            progress: bool = True) -> RetrainResult:
+    """Run the nightly job once (see the module docstring).
+
+    ``store`` receives the new version; ``current_bundle`` defaults to the store's current version
+    (when the store is empty, ``current_bundle`` is published into it first as version 1, so that
+    there is always a version to roll back to). ``info`` is the backbone's ``ModelInfo``.
+    """
+    config = config or RetrainConfig()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if store.current() is None:
+        if current_bundle is None:
+            raise ValueError(f"{store.root} has no published bundle: pass the bundle serving now (--bundle)")
+        store.publish(current_bundle, reason="initial version (imported by retrain)")
+    current_path = Path(current_bundle) if current_bundle is not None else store.current_path
+    current = load(current_path, model)
+    tolerance = config.tolerance if config.tolerance is not None else current.tolerance
+    if tolerance is None:
+        raise ValueError("the current bundle records no tolerance: pass one (--tolerance)")
+    traffic = log if isinstance(log, TrafficLog) else TrafficLog(log)
+    since = time.time() - config.since if config.since is not None else None
+    records = sorted(traffic.read(since=since), key=lambda r: r.timestamp)
+    digest = window_digest(records)
+    result = RetrainResult(False, store.current(), "", len(records), tolerance=tolerance, window_digest=digest)
+    if len(records) < config.min_records:
+        result.reason = f"only {len(records)} records in the window (min_records {config.min_records}): nothing done"
+        return result
+    if (current.meta or {}).get("retrain", {}).get("window_digest") == digest:
+        result.reason = "the current bundle was already retrained on exactly this window: nothing to do"
+        return result
+    inputs = torch.stack([record_input(r, info) for r in records])
+    timings["read_log"] = time.perf_counter() - start
+    cut = int(round(len(records) * (1 - config.holdout_fraction)))
+    train_inputs, holdout = inputs[:cut], inputs[cut:]
+    result.train_records, result.holdout_records = len(train_inputs), len(holdout)
+
+    work = Path(tempfile.mkdtemp(prefix="selfxit-retrain-"))
+    try:
+        t = time.perf_counter()
+        candidate = wrap(model, torch.zeros(1, *current.input_shape),
+                         candidate_layers=[c.name for c in current.candidates])
+        candidate.collect(train_inputs, out_dir=work / "medial", seed=config.seed,
+                          augment_copies=config.augment_copies, progress=progress)
+        timings["collect"] = time.perf_counter() - t
+        t = time.perf_counter()
+        names = {c.name for c in candidate.candidates}
+        candidate.fit(tolerance, heads={n: spec for n, spec in current.head_specs.items() if n in names},
+                      distill=DistillConfig(epochs=config.epochs, seed=config.seed), delta=config.delta,
+                      max_exits=config.max_exits, progress=progress, warm_start=current.heads)
+        timings["fit"] = time.perf_counter() - t
+        t = time.perf_counter()
+        result.current, result.candidate = _check(current, holdout), _check(candidate, holdout)
+        timings["validate"] = time.perf_counter() - t
+        publish, reason = decide(result.current, result.candidate, tolerance)
+        if not candidate.thresholds:
+            publish, reason = False, ("the candidate has no exit that keeps the tolerance on this window "
+                                      "(too little traffic, or heads near chance)")
+        result.reason = reason
+        if publish:
+            candidate.meta = {**(current.meta or {}), "retrain": {
+                "window_digest": digest, "records": len(records), "holdout": len(holdout),
+                "parent": (current.meta or {}).get("version"),
+                "window": [records[0].timestamp, records[-1].timestamp],
+                "current_check": asdict(result.current), "candidate_check": asdict(result.candidate)}}
+            candidate.meta.pop("version", None)
+            staged = candidate.save(work / "bundle")
+            result.version = store.publish(staged, reason=reason)
+            result.published = True
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        timings["total"] = time.perf_counter() - start
+        result.seconds = {k: round(v, 1) for k, v in timings.items()}
+    return result
+
+
+def summary(result: RetrainResult) -> str:
+    """A few readable lines about a retrain run."""
+    lines = [("PUBLISHED " + str(result.version)) if result.published else f"kept {result.version}",
+             f"reason: {result.reason}",
+             f"records in window: {result.records} (train {result.train_records}, held back {result.holdout_records})"]
+    for name, check in (("current", result.current), ("candidate", result.candidate)):
+        if check is not None:
+            lines.append(f"{name:<10} FLOPs fraction {check.flops_fraction:.3f}   agreement {check.agreement:.4f}   "
+                         f"(tolerance {result.tolerance:g})")
+    if result.seconds:
+        lines.append("seconds: " + ", ".join(f"{k} {v:g}" for k, v in result.seconds.items()))
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""``selfxit retrain``, ``selfxit rollback`` and ``selfxit versions``: the nightly job and its published versions."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def run_retrain(args) -> None:
+    from .retrain import RetrainConfig, parse_duration, retrain, summary
+    from .versions import BundleStore
+    from .zoo import load_backbone
+    config = RetrainConfig(since=parse_duration(args.since) if args.since != "all" else None,
+                           holdout_fraction=args.holdout, tolerance=args.tolerance, min_records=args.min_records,
+                           seed=args.seed, epochs=args.epochs, keep=args.keep)
+    model, info = load_backbone(args.model, args.weights)
+    store = BundleStore(args.out, keep=args.keep)
+    if not Path(args.log).exists() and "://" not in str(args.log):
+        raise FileNotFoundError(f"traffic log not found: {args.log} (write one with `selfxit serve --log` or `selfxit collect`)")
+    result = retrain(args.log, store, model, info, config, current_bundle=args.bundle, progress=not args.json)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else summary(result))
+    if not args.json and result.published:
+        print(f"serve {store.current_path} to pick it up (the server reloads it by itself)")
+
+
+def run_rollback(args) -> None:
+    from .versions import BundleStore
+    store = BundleStore(args.out)
+    before = store.current()
+    now = store.rollback(reason=args.reason)
+    print(f"rolled back {store.root}: current is now {now} (was {before})")
+
+
+def run_versions(args) -> None:
+    from .versions import BundleStore
+    store = BundleStore(args.out)
+    versions = store.versions()
+    if args.json:
+        print(json.dumps({"current": store.current(), "versions": [v.name for v in versions],
+                          "history": store.history()}, indent=1))
+        return
+    if not versions:
+        print(f"{store.root}: no published versions")
+        return
+    for v in versions:
+        print(f"{'*' if v.current else ' '} {v.name}  created {v.created or '?'}")
+    for event in store.history()[-5:]:
+        print(f"  {event.get('time')} {event.get('event')} {event.get('version')}: {event.get('reason', '')}",
+              file=sys.stdout)
+
+
+def add_retrain_parsers(subparsers) -> None:
+    """Register ``retrain``, ``rollback`` and ``versions``."""
+    p = subparsers.add_parser("retrain", help="retrain exits on logged traffic; publish only if they pass validation")
+    p.add_argument("--log", required=True, help="traffic log folder or fsspec URL")
+    p.add_argument("--bundle", help="the bundle serving now (default: BUNDLES/current)")
+    p.add_argument("--model", required=True, help="backbone name, as for enable")
+    p.add_argument("--weights", type=Path, help="checkpoint file (state dict) for the model")
+    p.add_argument("--out", required=True, help="BUNDLES: folder of published versions (serve BUNDLES/current)")
+    p.add_argument("--since", default="24h", help="window: 90s, 30m, 24h, 7d ... or 'all' (default 24h)")
+    p.add_argument("--tolerance", type=float, help="default: the current bundle's")
+    p.add_argument("--holdout", type=float, default=0.3, help="newest share of the window kept for validation")
+    p.add_argument("--min-records", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=10, help="distillation epochs (heads are warm-started)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", type=int, default=5, help="published versions kept")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run_retrain)
+
+    p = subparsers.add_parser("rollback", help="make the previous published version current again")
+    p.add_argument("--out", "--bundles", dest="out", required=True, help="BUNDLES folder")
+    p.add_argument("--reason", default="manual rollback")
+    p.set_defaults(func=run_rollback)
+
+    p = subparsers.add_parser("versions", help="list published versions and their history")
+    p.add_argument("--out", "--bundles", dest="out", required=True, help="BUNDLES folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run_versions)

@@ -1,0 +1,131 @@
+"""The nightly retrain job: publish rule, real retrain on logged ResNet-20 traffic, idempotence, kill safety."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import selfxit
+from selfxit.data import ImageFolderData
+from selfxit.distill import DistillConfig
+from selfxit.retrain import BundleCheck, RetrainConfig, decide, parse_duration, retrain
+from selfxit.traffic import TrafficLog, TrafficRecord
+from selfxit.versions import BundleStore
+from selfxit.zoo import load_backbone
+
+
+def test_parse_duration():
+    assert parse_duration("24h") == 86400 and parse_duration("30m") == 1800 and parse_duration("90s") == 90
+    assert parse_duration("7d") == 7 * 86400 and parse_duration("15") == 15 and parse_duration(None) is None
+    with pytest.raises(ValueError, match="not understood"):
+        parse_duration("yesterday")
+
+
+def test_publish_rule():
+    good, stale_fast, slow = BundleCheck(0.6, 0.995, {}), BundleCheck(0.5, 0.95, {}), BundleCheck(0.9, 0.999, {})
+    assert decide(slow, good, 0.01)[0]  # saves more, within tolerance
+    publish, reason = decide(good, slow, 0.01)
+    assert not publish and "fewer FLOPs" in reason
+    publish, reason = decide(good, BundleCheck(0.4, 0.97, {}), 0.01)
+    assert not publish and "drops" in reason
+    publish, reason = decide(stale_fast, good, 0.01)  # the current bundle broke the promise: replace it
+    assert publish and "breaks the tolerance" in reason
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        RetrainConfig(holdout_fraction=1.0)
+    with pytest.raises(ValueError, match="tolerance"):
+        RetrainConfig(tolerance=2)
+
+
+@pytest.fixture(scope="module")
+def setup(shared, tmp_path_factory):
+    """A ResNet-20 bundle with every exit off (so any sensible candidate saves FLOPs) and a log of 700 images."""
+    torch.set_num_threads(1)
+    model, info = load_backbone("cifar_resnet20")
+    images = ImageFolderData(shared / "data" / "cifar10-test", info, max_samples=900, seed=3)
+    root = tmp_path_factory.mktemp("retrain")
+    ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), max_candidates=3)
+    ee.collect(torch.stack([images[i][0] for i in range(200)]), root / "medial", augment_copies=0, progress=False)
+    ee.fit(0.2, distill=DistillConfig(epochs=2), method="joint", progress=False)
+    ee.thresholds = {}
+    current = ee.save(root / "current")
+    log = TrafficLog(root / "log")
+    now = time.time()
+    for i in range(200, 900):
+        log.append(TrafficRecord(timestamp=now - (900 - i), input=images[i][0], exit="final", source="collect"))
+    log.close()
+    return {"model": model, "info": info, "root": root, "current": current, "log": root / "log"}
+
+
+def test_retrain_publishes_a_better_bundle_and_a_second_run_on_the_same_window_does_nothing(setup):
+    store = BundleStore(setup["root"] / "bundles")
+    config = RetrainConfig(since=None, tolerance=0.2, min_records=100, epochs=5, augment_copies=1)
+    result = retrain(setup["log"], store, setup["model"], setup["info"], config, current_bundle=setup["current"],
+                     progress=False)
+    assert result.records == 700 and result.holdout_records == 210 and result.train_records == 490
+    assert result.current.flops_fraction == pytest.approx(1.0)  # every exit off
+    assert result.published, result.reason
+    assert result.candidate.flops_fraction < 1.0 and 1 - result.candidate.agreement <= 0.2
+    assert result.version == "v000002" and store.current() == "v000002"  # v000001: the imported current bundle
+    published = selfxit.load(store.current_path, setup["model"])
+    assert published.meta["retrain"]["window_digest"] == result.window_digest
+    again = retrain(setup["log"], store, setup["model"], setup["info"], config, progress=False)
+    assert not again.published and "already retrained" in again.reason
+    assert [v.name for v in store.versions()] == ["v000001", "v000002"]
+
+
+def test_too_few_records_does_nothing(setup):
+    store = BundleStore(setup["root"] / "few")
+    result = retrain(setup["log"], store, setup["model"], setup["info"],
+                     RetrainConfig(since=None, min_records=1000), current_bundle=setup["current"], progress=False)
+    assert not result.published and "only 700 records" in result.reason
+    assert store.current() == "v000001"
+
+
+def test_retrain_killed_halfway_leaves_the_published_bundle_untouched(setup):
+    """kill -9 a real `selfxit retrain` process while it trains: the store is exactly as before."""
+    store = BundleStore(setup["root"] / "killed")
+    store.publish(setup["current"], reason="serving")
+    before = (store.current_path / "manifest.json").read_bytes()
+    script = textwrap.dedent("""
+        import sys
+        from selfxit import api, cli
+        real_fit = api.EarlyExitModel.fit
+        def fit(self, *a, **k):
+            print("fitting", flush=True)
+            sys.stdin.readline()  # killed here
+            return real_fit(self, *a, **k)
+        api.EarlyExitModel.fit = fit
+        sys.exit(cli.main(sys.argv[1:]))
+    """)
+    cmd = [sys.executable, "-c", script, "retrain", "--log", str(setup["log"]), "--model", "cifar_resnet20",
+           "--out", str(store.root), "--since", "all", "--min-records", "100", "--tolerance", "0.2", "--json"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "fitting", line
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert store.current() == "v000001" and [v.name for v in store.versions()] == ["v000001"]
+    assert (store.current_path / "manifest.json").read_bytes() == before
+    selfxit.load(store.current_path, setup["model"])  # still a working bundle
+
+
+def test_retrain_command_prints_json(setup, capsys):
+    from selfxit.cli import main
+    store = BundleStore(setup["root"] / "cli")
+    code = main(["retrain", "--log", str(setup["log"]), "--bundle", str(setup["current"]), "--model", "cifar_resnet20",
+                 "--out", str(store.root), "--since", "all", "--min-records", "1000", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["published"] is False and "only 700 records" in out["reason"]
+    assert main(["rollback", "--out", str(store.root)]) == 2  # only one version: a clear error, exit 2
+    assert "oldest version" in capsys.readouterr().err
