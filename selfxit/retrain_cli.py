@@ -18,7 +18,14 @@ def run_retrain(args) -> None:
     if not Path(args.log).exists() and "://" not in str(args.log):
         raise FileNotFoundError(f"traffic log not found: {args.log} (write one with `selfxit serve --log` or `selfxit collect`)")
     result = retrain(args.log, store, model, info, config, current_bundle=args.bundle, progress=not args.json)
-    print(json.dumps(result.to_dict(), indent=1) if args.json else summary(result))
+    out = result.to_dict()
+    if args.keep_log or args.max_log_bytes:  # retention, after the window has been used
+        from .traffic import TrafficLog
+        out["log_records_pruned"] = TrafficLog(args.log).prune(
+            max_age_s=parse_duration(args.keep_log) if args.keep_log else None, max_bytes=args.max_log_bytes)
+    print(json.dumps(out, indent=1) if args.json else summary(result))
+    if not args.json and "log_records_pruned" in out:
+        print(f"log retention: {out['log_records_pruned']} old records removed")
     if not args.json and result.published:
         print(f"serve {store.current_path} to pick it up (the server reloads it by itself)")
 
@@ -64,6 +71,8 @@ def add_retrain_parsers(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=10, help="distillation epochs (heads are warm-started)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", type=int, default=5, help="published versions kept")
+    p.add_argument("--keep-log", help="after the job, delete log shards older than this (e.g. 7d)")
+    p.add_argument("--max-log-bytes", type=int, help="after the job, delete the oldest log shards beyond this size")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_retrain)
 

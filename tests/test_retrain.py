@@ -123,9 +123,10 @@ def test_retrain_command_prints_json(setup, capsys):
     from selfxit.cli import main
     store = BundleStore(setup["root"] / "cli")
     code = main(["retrain", "--log", str(setup["log"]), "--bundle", str(setup["current"]), "--model", "cifar_resnet20",
-                 "--out", str(store.root), "--since", "all", "--min-records", "1000", "--json"])
+                 "--out", str(store.root), "--since", "all", "--min-records", "1000", "--keep-log", "1d", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["published"] is False and "only 700 records" in out["reason"]
+    assert out["log_records_pruned"] == 0  # every record is younger than a day
     assert main(["rollback", "--out", str(store.root)]) == 2  # only one version: a clear error, exit 2
     assert "oldest version" in capsys.readouterr().err
