@@ -202,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve import add_serve_parser
     add_report_parser(sub)
     add_serve_parser(sub)
+    from .traffic_cli import add_collect_parser
+    add_collect_parser(sub)
+    from .retrain_cli import add_retrain_parsers
+    add_retrain_parsers(sub)
     return parser
 
 
