@@ -359,7 +359,8 @@ def measure_latency(backbone_run, early_run, pool: torch.Tensor, batch_sizes, sa
 def _cuda_latency(ee, pool: torch.Tensor, batch_sizes, samples: int, progress: bool) -> dict:
     """GPU latency on copies of the backbone and heads; the backbone alone if the early-exit runtime fails there."""
     backbone = copy.deepcopy(ee.backbone).cuda().eval()
-    exits = [Exit(e.layer, copy.deepcopy(e.head).cuda().eval(), e.temperature, e.threshold) for e in ee.exits]
+    exits = [Exit(e.layer, copy.deepcopy(e.head).cuda().eval(), e.temperature, e.threshold,
+                  copy.deepcopy(e.gate).cuda().eval() if e.gate is not None else None) for e in ee.exits]
     runner = EarlyExitRunner(backbone, exits, ee.num_classes)
     result = {"device": torch.cuda.get_device_name(), "error": None}
     early = lambda x, cb: runner(x)  # noqa: E731

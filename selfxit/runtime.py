@@ -25,12 +25,17 @@ FINAL = -1  # exit index of samples answered by the backbone itself
 
 @dataclass
 class Exit:
-    """One active exit: a head on a backbone layer, its temperature and its confidence threshold."""
+    """One active exit: a head on a backbone layer, its temperature and its threshold.
+
+    Without a gate the threshold applies to the calibrated max-softmax; with a gate (see
+    :mod:`selfxit.gates`) it applies to ``gate(scaled logits, previous exit's probabilities)``.
+    """
 
     layer: str
     head: nn.Module
     temperature: float
     threshold: float
+    gate: nn.Module | None = None
 
 
 @dataclass
@@ -55,6 +60,7 @@ class EarlyExitOutput:
     exit: torch.Tensor  # [B] long: exit position, or FINAL (-1)
     exit_predictions: torch.Tensor | None = None  # [exits, B] every exit's top-1 (no-shrink mode only)
     exit_confidence: torch.Tensor | None = None  # [exits, B] (no-shrink mode only)
+    prediction_sets: torch.Tensor | None = None  # [B, classes] bool conformal sets (when asked for)
 
 
 def _with_temperature(head: nn.Module, temperature: float) -> nn.Module:
@@ -95,6 +101,7 @@ class _Pass:
         self.exit = torch.full((batch,), FINAL, dtype=torch.long, device=device)
         self.all_predictions = torch.empty(exits, batch, dtype=torch.long, device=device) if not shrink else None
         self.all_confidence = torch.empty(exits, batch, device=device) if not shrink else None
+        self.previous: torch.Tensor | None = None  # previous exit's probabilities for the running rows (gates)
 
     def answer(self, rows: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, exit_position: int):
         self.logits[rows], self.probabilities[rows], self.exit[rows] = logits, probs, exit_position
@@ -121,25 +128,30 @@ class EarlyExitRunner:
 
     def _hook(self, position: int):
         head, threshold = self._scaled_heads[position], self.exits[position].threshold
+        gate = self.exits[position].gate
 
         def hook(module, inputs, output):
             state = self._pass
             running = output[:1] if state.padded else output
             logits = head(running)  # already divided by the temperature
             probs = logits.softmax(dim=1)
-            if state.shrink and float(probs.max()) < threshold:  # the common case costs one reduction
-                return None
+            previous, state.previous = state.previous, probs  # gates read the previous exit's output
+            score = None if gate is None else gate(logits, previous)
+            if state.shrink and float(probs.max() if gate is None else score.max()) < threshold:
+                return None  # the common case costs one reduction
             confidence, prediction = probs.max(dim=1)
+            score = confidence if gate is None else score
             if not state.shrink:
                 state.all_predictions[position], state.all_confidence[position] = prediction, confidence
-                first = (confidence >= threshold) & (state.exit == FINAL)
+                first = (score >= threshold) & (state.exit == FINAL)
                 if first.any():
                     state.answer(state.alive[first], logits[first], probs[first], position)
                 return None
-            hit = confidence >= threshold
+            hit = score >= threshold
             state.answer(state.alive[hit], logits[hit], probs[hit], position)
             keep = ~hit
             state.alive = state.alive[keep]
+            state.previous = probs[keep]
             if len(state.alive) == 0:
                 raise _AllExited
             survivors = running[keep]
