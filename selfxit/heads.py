@@ -6,6 +6,8 @@ A spec is a plain dict, so bundles and search results can store it and rebuild t
   to at most ``pool x pool`` (token sequences are averaged over tokens), then an MLP.
 - ``{"kind": "conv_linear", "convs": [{"out": 32, "kernel": 3, "stride": 2}], "pool": 1,
   "hidden": [128]}``: conv-BN-ReLU layers, pooling, then an MLP (the SelfXit search space).
+- ``{"kind": "searched", "space": {...}, "choices": {...}}``: a head found by ``selfxit search``, rebuilt
+  by NNI's freeze of :class:`selfxit.search_space.HeadSpace` (see that module).
 
 Heads end in ``num_classes`` logits. Parameter-free leading modules (pooling) form the head's
 ``stem`` so that training can apply them once instead of every epoch.
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 DEFAULT_HEAD = {"kind": "pool_mlp", "pool": 4, "hidden": [256]}
-KINDS = ("pool_mlp", "conv_linear")
+KINDS = ("pool_mlp", "conv_linear", "searched")
 
 
 class TokenMean(nn.Module):
@@ -39,7 +41,8 @@ def _mlp(features: int, hidden: list[int], num_classes: int) -> list[nn.Module]:
 def _check_spec(spec: dict) -> dict:
     if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
         raise ValueError(f"head spec needs 'kind' in {KINDS}; got {spec!r}")
-    allowed = {"pool_mlp": {"kind", "pool", "hidden"}, "conv_linear": {"kind", "convs", "pool", "hidden"}}[spec["kind"]]
+    allowed = {"pool_mlp": {"kind", "pool", "hidden"}, "conv_linear": {"kind", "convs", "pool", "hidden"},
+               "searched": {"kind", "space", "choices"}}[spec["kind"]]
     unknown = set(spec) - allowed
     if unknown:
         raise ValueError(f"head spec {spec!r}: unknown keys {sorted(unknown)}; allowed {sorted(allowed)}")
@@ -55,6 +58,9 @@ def _check_spec(spec: dict) -> dict:
 def build_head(spec: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     """Build a head for activations of per-sample shape ``in_shape`` (C,H,W), (tokens, dim) or (dim,)."""
     spec = _check_spec(copy.deepcopy(spec))
+    if spec["kind"] == "searched":
+        from .search_space import build_searched_head  # imports NNI, so only when needed
+        return build_searched_head(spec, tuple(in_shape), num_classes)
     hidden = list(spec.get("hidden", []))
     if len(in_shape) == 1:
         return nn.Sequential(*_mlp(in_shape[0], hidden, num_classes))
