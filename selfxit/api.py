@@ -11,12 +11,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import optimize
+from . import conformal, gates as gating, optimize
 from .bundle import BundleError, backbone_fingerprint, load_bundle, save_bundle
 from .calibrate import expected_calibration_error, fit_temperature
 from .candidates import Candidate, find_candidates
 from .distill import DistillConfig, distill_head, head_logits
 from .flops import count_flops
+from .gates import GATES, GateConfig, build_gate
 from .heads import DEFAULT_HEAD, build_head
 from .medial import SPLITS, MedialDataset
 from .recording import record
@@ -61,6 +62,9 @@ class FitReport:
     chosen_val: CascadeSummary
     chosen_test: CascadeSummary | None
     baselines: dict[str, dict[str, CascadeSummary]] = field(default_factory=dict)  # method -> split -> summary
+    gate: str = "confidence"  # what the thresholds apply to: max-softmax or learned gate outputs
+    gate_config: dict | None = None
+    prediction_sets: dict[str, conformal.SetQuality] = field(default_factory=dict)  # str(alpha) -> test split
 
 
 def _summary(stats: optimize.ExitStats, thresholds: np.ndarray, layers: list[str]) -> CascadeSummary:
@@ -86,6 +90,9 @@ class EarlyExitModel:
         self.head_flops: dict[str, int] = {}
         self.temperatures: dict[str, float] = {}
         self._thresholds: dict[str, float] = {}
+        self.gate = "confidence"
+        self.gates: dict[str, nn.Module] = {}  # layer -> learned gate (gate == 'learned')
+        self.conformal: conformal.ConformalCalibration | None = None
         self.tolerance: float | None = None
         self.report: FitReport | None = None
         self.meta: dict = {}  # free-form provenance saved in the manifest (model name, data split...)
@@ -113,7 +120,8 @@ class EarlyExitModel:
     def fit(self, tolerance: float = 0.01, heads: dict | None = None, distill: DistillConfig | None = None,
             method: str = "certified", delta: float = 0.1, max_exits: int | None = 3,
             retrain: bool = False, progress: bool = True,
-            warm_start: dict[str, nn.Module] | None = None) -> FitReport:
+            warm_start: dict[str, nn.Module] | None = None, gate: str = "confidence",
+            gate_config: GateConfig | None = None) -> FitReport:
         """Train a head per candidate (KL to the backbone), calibrate, and choose exits and thresholds.
 
         ``heads`` maps layer names to head specs (see :mod:`selfxit.heads`), or is one spec for all.
@@ -121,12 +129,19 @@ class EarlyExitModel:
         'joint' and 'paper' only hold on the validation split. Heads already trained on this medial
         dataset with the same spec are reused unless ``retrain``. ``warm_start`` maps layer names to
         trained heads (e.g. the serving bundle's) that training starts from instead of a fresh init,
-        where the spec matches.
+        where the spec matches. ``gate``: thresholds apply to the calibrated max-softmax ('confidence') or
+        to learned gates ('learned', see :mod:`selfxit.gates`; trained and designed on 'tune', certified on
+        'val', so it needs ``method='certified'``). Conformal prediction sets are calibrated on 'val'.
         """
         if not 0 < tolerance < 1:
             raise ValueError(f"tolerance must be in (0, 1), e.g. 0.01 for a 1% agreement drop; got {tolerance}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}; got {gate!r}")
+        if gate == "learned" and method != "certified":
+            raise ValueError(f"gate='learned' needs method='certified' (gates and the cascade are designed on 'tune' "
+                             f"and certified on 'val'); got method={method!r}")
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1); got {delta}")
         if self.medial is None:
@@ -137,6 +152,7 @@ class EarlyExitModel:
         teacher_top1 = {name: medial.teacher(r).argmax(1) for name, r in rows.items()}
         majority = float(np.bincount(teacher_top1["tune"], minlength=self.num_classes).max()) / max(len(rows["tune"]), 1)
         reports, kept, confidence, agree = [], [], {s: [] for s in ("tune", "val", "test")}, {s: [] for s in ("tune", "val", "test")}
+        log_probs = {s: [] for s in confidence}  # calibrated log-softmax of each kept head
         for cand in tqdm(self.candidates, desc="heads", disable=not progress):
             head = self.heads.get(cand.name)
             if retrain or head is None or self.head_specs.get(cand.name) != specs[cand.name]:
@@ -161,20 +177,46 @@ class EarlyExitModel:
                     probs = (logits[s] / temperature).softmax(1)
                     confidence[s].append(probs.max(1).values.numpy())
                     agree[s].append((probs.argmax(1) == teacher_top1[s]).numpy())
+                    log_probs[s].append((logits[s] / temperature).log_softmax(1))
         layers = [c.name for c in kept]
         self.heads = {name: self.heads[name] for name in layers}  # near-chance heads are discarded
         stats = {s: optimize.ExitStats(np.stack(confidence[s]) if kept else np.zeros((0, len(rows[s]))),
                                        np.stack(agree[s]) if kept else np.zeros((0, len(rows[s])), bool),
                                        [self.head_flops[c.name] for c in kept], [c.remaining_flops for c in kept],
                                        self.backbone_flops) for s in confidence}
+        log_probs = {s: torch.stack(v) if v else torch.zeros(0, len(rows[s]), self.num_classes)
+                     for s, v in log_probs.items()}
+        confidence_stats, confidence_layers = stats, layers
+        self.gate, self.gates, config = gate, {}, gate_config or GateConfig()
+        if gate == "learned":
+            fitted = gating.fit_with_heads(log_probs, teacher_top1, layers, self.heads, self.temperatures, medial, rows,
+                                           stats["tune"].head_flops, stats["tune"].remaining_flops,
+                                           self.backbone_flops, tolerance, max_exits, config, progress)
+            stats = {s: fitted.stats(log_probs[s], teacher_top1[s], stats[s].head_flops, stats[s].remaining_flops,
+                                     self.backbone_flops) for s in stats}
+            log_probs = {s: lp[fitted.chain] for s, lp in log_probs.items()}
+            layers = [layers[k] for k in fitted.chain]
+            self.gates = dict(zip(layers, fitted.gates))
         results = self._optimize(stats, tolerance, delta, max_exits)
+        if gate == "learned":  # the paper's rule and 'joint' could drop exits whose output a later gate reads
+            results = {"certified": results["certified"]}
         thresholds, level = results[method]
         self.thresholds = {layers[k]: float(thresholds[k]) for k in np.flatnonzero(np.isfinite(thresholds))}
         self.tolerance = tolerance
         baselines = {m: {s: _summary(stats[s], th, layers) for s in ("val", "test") if len(rows[s])}
                      for m, (th, _) in results.items()}
+        if gate == "learned":
+            th = self._optimize(confidence_stats, tolerance, delta, max_exits)["certified"][0]
+            baselines["confidence"] = {s: _summary(confidence_stats[s], th, confidence_layers)
+                                       for s in ("val", "test") if len(rows[s])}
+        active = [int(k) for k in np.flatnonzero(np.isfinite(thresholds))]
+        taken = {s: optimize.exit_assignment(stats[s], thresholds) for s in ("val", "test")}
+        self.conformal = conformal.calibrate_cascade(layers, active, log_probs["val"], taken["val"], teacher_top1["val"])
+        set_quality = conformal.cascade_set_quality(self.conformal, layers, active, log_probs["test"], taken["test"],
+                                                    teacher_top1["test"]) if len(rows["test"]) else {}
         self.report = FitReport(tolerance, method, level, reports, baselines[method]["val"],
-                                baselines[method].get("test"), baselines)
+                                baselines[method].get("test"), baselines, gate,
+                                gating.config_dict(config) if gate == "learned" else None, set_quality)
         return self.report
 
     def _head_specs(self, heads) -> dict[str, dict]:
@@ -203,6 +245,18 @@ class EarlyExitModel:
         return {"paper": (paper, 0.0), "joint": (joint.thresholds, 0.0),
                 "certified": (cert.chosen.thresholds, cert.confidence_level)}
 
+    def search(self, config, out_dir: str | Path, trials: int | None = None, progress: bool = True):
+        """NAS of a head per candidate layer with NNI on the medial dataset (see :mod:`selfxit.search`).
+
+        ``config``: a YAML/JSON path (e.g. ``search_spaces/conv_linear.yaml``), a dict or a SearchConfig;
+        ``trials`` overrides its per-layer budget. Resumes what ``out_dir`` holds. Returns a SearchResult;
+        use its heads with ``fit(heads=selfxit.search.apply_search(self, out_dir))``.
+        """
+        if self.medial is None:
+            raise RuntimeError("no medial dataset: call collect(...) first")
+        from .search import run_search
+        return run_search(self.medial, self.candidates, self.num_classes, config, out_dir, trials, progress)
+
     # ---- inference ---------------------------------------------------------------------------------
     @property
     def thresholds(self) -> dict[str, float]:
@@ -216,14 +270,35 @@ class EarlyExitModel:
     @property
     def exits(self) -> list[Exit]:
         """The active exits, in forward order."""
-        return [Exit(name, self.heads[name], self.temperatures[name], th) for name, th in self.thresholds.items()]
+        return [Exit(name, self.heads[name], self.temperatures[name], th, self._gate(name))
+                for name, th in self.thresholds.items()]
 
-    def __call__(self, x: torch.Tensor, callback=None, shrink: bool = True) -> EarlyExitOutput:
-        """Early-exit inference on a batch ``x`` of shape [B, *input_shape]; see :class:`EarlyExitRunner`."""
+    def _gate(self, layer: str) -> nn.Module | None:
+        if self.gate != "learned":
+            return None
+        if layer not in self.gates:
+            raise ValueError(f"exit {layer!r} has no learned gate; gates were fitted for {list(self.gates)}")
+        return self.gates[layer]
+
+    def __call__(self, x: torch.Tensor, callback=None, shrink: bool = True,
+                 prediction_sets: float | None = None) -> EarlyExitOutput:
+        """Early-exit inference on a batch ``x`` of shape [B, *input_shape]; see :class:`EarlyExitRunner`.
+
+        ``prediction_sets=alpha`` also returns, per sample, a conformal set of classes that contains the
+        backbone's answer with probability >= 1 - alpha (alpha as calibrated by ``fit``: 0.01, 0.05, 0.1).
+        """
         self.check_input(x)
+        quantiles = None
+        if prediction_sets is not None:
+            if self.conformal is None:
+                raise RuntimeError("no conformal calibration in this model: fit(...) it (or load a bundle that has one)")
+            quantiles = self.conformal.quantile_vector(prediction_sets, list(self.thresholds))
         if self._runner is None:
             self._runner = EarlyExitRunner(self.backbone, self.exits, self.num_classes)
-        return self._runner(x, callback=callback, shrink=shrink)
+        out = self._runner(x, callback=callback, shrink=shrink)
+        if quantiles is not None:
+            out.prediction_sets = conformal.prediction_sets(out.probabilities, out.exit, out.predictions, quantiles)
+        return out
 
     def check_input(self, x) -> None:
         """Raise a clear error for inputs the backbone cannot take."""
@@ -254,11 +329,16 @@ class EarlyExitModel:
             "heads": {c.name: {"spec": self.head_specs[c.name], "temperature": self.temperatures[c.name],
                                "head_flops": self.head_flops[c.name], "shape": list(c.shape)} for c in kept},
             "exits": [{"layer": n, "threshold": th} for n, th in self.thresholds.items()],
+            "gate": self.gate,
+            "gates": {name: g.spec() for name, g in self.gates.items()},
+            "conformal": self.conformal.to_dict() if self.conformal else None,
             "tolerance": self.tolerance,
             "report": asdict(self.report) if self.report else None,
             "meta": self.meta,
         }
-        return save_bundle(path, manifest, {name: head.state_dict() for name, head in self.heads.items()})
+        weights = {name: head.state_dict() for name, head in self.heads.items()}
+        weights.update({f"gate:{name}": g.state_dict() for name, g in self.gates.items()})
+        return save_bundle(path, manifest, weights)
 
 
 def _load_warm_start(head: nn.Module, warm: nn.Module | None) -> None:
@@ -333,6 +413,16 @@ def load(path: str | Path, model: nn.Module) -> EarlyExitModel:
             raise BundleError(f"bundle {path}: weights of head {name!r} do not match its spec: {exc}") from exc
         ee.heads[name], ee.head_specs[name] = head.eval(), info["spec"]
         ee.temperatures[name], ee.head_flops[name] = info["temperature"], info["head_flops"]
+    ee.gate = manifest.get("gate", "confidence")
+    for name, spec in (manifest.get("gates") or {}).items():
+        try:
+            gate = build_gate(spec)
+            gate.load_state_dict(states[f"gate:{name}"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise BundleError(f"bundle {path}: gate of exit {name!r} cannot be rebuilt: {exc}") from exc
+        ee.gates[name] = gate.eval()
+    if manifest.get("conformal"):
+        ee.conformal = conformal.ConformalCalibration.from_dict(manifest["conformal"])
     ee.thresholds = {e["layer"]: float(e["threshold"]) for e in manifest["exits"]}
     ee.tolerance, ee.meta = manifest.get("tolerance"), manifest.get("meta", {})
     return ee
