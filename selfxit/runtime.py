@@ -124,6 +124,8 @@ class EarlyExitRunner:
             raise ValueError(f"exit layers {missing} are not modules of the backbone")
         self._modules = [modules[e.layer] for e in self.exits]
         self._scaled_heads = [_with_temperature(e.head, e.temperature) for e in self.exits]
+        # only gates that read the previous exit need its probabilities carried for the surviving rows
+        self._carry_previous = any(getattr(e.gate, "previous", False) for e in self.exits)
         self._pass: _Pass | None = None
 
     def _hook(self, position: int):
@@ -151,7 +153,8 @@ class EarlyExitRunner:
             state.answer(state.alive[hit], logits[hit], probs[hit], position)
             keep = ~hit
             state.alive = state.alive[keep]
-            state.previous = probs[keep]
+            if self._carry_previous:
+                state.previous = probs[keep]
             if len(state.alive) == 0:
                 raise _AllExited
             survivors = running[keep]
