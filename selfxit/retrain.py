@@ -7,7 +7,8 @@ Steps (``retrain``):
 2. Rebuild the medial dataset from that traffic by re-running the frozen backbone with hooks (the
    logged softmax is not trusted: only some records have it, and the backbone is the reference).
 3. Train heads warm-started from the current bundle's heads, recalibrate, re-choose exits and
-   thresholds (the same ``fit`` as ``enable``, same tolerance unless given).
+   thresholds (the same ``fit`` as ``enable``, same tolerance unless given, and learned gates
+   again if the current bundle has them).
 4. Run the current and the candidate bundle on the held-back recent traffic and publish the
    candidate as a new version only if its agreement drop stays within the tolerance and it saves
    at least as many FLOPs as the current bundle — or the current bundle has itself broken the
@@ -185,7 +186,8 @@ def retrain(log: str | Path | TrafficLog, store: BundleStore, model: torch.nn.Mo
         names = {c.name for c in candidate.candidates}
         candidate.fit(tolerance, heads={n: spec for n, spec in current.head_specs.items() if n in names},
                       distill=DistillConfig(epochs=config.epochs, seed=config.seed), delta=config.delta,
-                      max_exits=config.max_exits, progress=progress, warm_start=current.heads)
+                      max_exits=config.max_exits, progress=progress, warm_start=current.heads,
+                      gate=current.gate)  # keep the serving bundle's kind of exit decision
         timings["fit"] = time.perf_counter() - t
         t = time.perf_counter()
         result.current, result.candidate = _check(current, holdout), _check(candidate, holdout)
