@@ -69,7 +69,10 @@ def run_collect(args) -> dict:
 
     try:
         with TrafficLog(args.log) as log, tqdm(total=n, desc="collect", unit="img") as bar:
-            for i, path in enumerate(dataset.paths):
+            # in a seeded random order, as traffic arrives: file order is class order in an ImageFolder
+            # layout, and retrain holds back the newest records, which must not be a few classes
+            for i in np.random.default_rng(args.seed + 1).permutation(len(dataset.paths)).tolist():
+                path = dataset.paths[i]
                 kind = args.transform if i in shifted else None
                 seed = shift_seed(args.seed, i)
                 try:

@@ -409,6 +409,8 @@ def test_collect_logs_shifted_images_with_backbone_probs(shared, tmp_path, capsy
     assert "collected 20 records" in summary and "1 corrupt image(s) skipped" in summary
     records = list(TrafficLog(log_dir).read())
     assert len(records) == 20
+    logged_order = [r.meta["file"] for r in records]  # read() gives arrival order
+    assert sorted(logged_order) != logged_order  # arrival is shuffled, not file (= class) order
     assert all(r.source == "collect" and r.exit == "final" and r.content_type == "image/png" for r in records)
     model, info = load_backbone("cifar_resnet56")
     with torch.inference_mode():
