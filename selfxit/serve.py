@@ -12,6 +12,11 @@ Endpoints (all errors are 4xx/5xx JSON ``{"error": "..."}`` naming the problem):
 
     ``exit`` is the exit layer's name, or ``"final"`` for the backbone; ``latency_ms`` is the time
     from the request reaching the handler to that item's answer.
+
+    Prediction sets: ``?sets=0.05`` (or ``"sets": 0.05`` in a JSON body) adds ``"set": [3, 5]`` to each
+    item: a conformal set of classes that holds the backbone's answer with probability >= 1 - alpha
+    (see :mod:`selfxit.conformal`; alpha must be one the bundle was calibrated for, e.g. 0.01, 0.05,
+    0.1). An item the backbone answered gets ``[its class]``.
 ``WebSocket /v1/stream``
     The client sends one batch per message: a text message ``{"inputs": ..., "id": any}`` (as above)
     or a binary message holding one JPEG/PNG image. The server sends, as text JSON messages, one
@@ -20,6 +25,8 @@ Endpoints (all errors are 4xx/5xx JSON ``{"error": "..."}`` naming the problem):
     "id": ..., "items": B, "bundle": generation, "latency_ms": t}``; a bad batch gets ``{"type": "error",
     "batch": n, "id": ..., "status": 4xx, "error": "..."}`` and the connection stays usable. ``n``
     counts the client's messages on the connection from 0; ``id`` echoes the client's (JSON only).
+    Prediction sets: ``/v1/stream?sets=alpha`` for every batch on the connection, or ``"sets": alpha``
+    in one JSON message.
     One batch is answered at a time per connection; open more connections for concurrency.
 ``GET /healthz``
     Serving bundle (generation, exits, thresholds), the last reload attempt and queue length;
@@ -243,8 +250,11 @@ class _Job:
     """One request's items on their way through the worker."""
 
     def __init__(self, x: torch.Tensor, loop: asyncio.AbstractEventLoop, on_item: Callable[[dict], None],
-                 request_id: int, endpoint: str, t0: float, encoded: list[tuple[bytes, str]] | None = None):
+                 request_id: int, endpoint: str, t0: float, encoded: list[tuple[bytes, str]] | None = None,
+                 sets_alpha: float | None = None):
         self.x, self.loop, self.on_item, self.encoded = x, loop, on_item, encoded
+        self.sets_alpha = sets_alpha  # conformal prediction sets at this alpha (None: no sets)
+        self.quantiles: torch.Tensor | None = None  # per exit, set by the worker for the serving bundle
         self.request_id, self.endpoint, self.t0 = request_id, endpoint, t0
         self.done: asyncio.Future = loop.create_future()
         self.cancelled = False
@@ -361,6 +371,8 @@ class _Batcher:
         for job in jobs:
             try:
                 ee.check_input(job.x)
+                job.quantiles = None if job.sets_alpha is None else _set_quantiles(ee, job.sets_alpha,
+                                                                                   served.exit_names)
                 ok.append(job)
             except (TypeError, ValueError) as exc:
                 _post(job.loop, _settle, job.done, ApiError(400, str(exc)))
@@ -380,6 +392,8 @@ class _Batcher:
             item = {"index": result.index - starts[k], "class": result.prediction,
                     "probability": round(result.confidence, 6), "exit": name,
                     "latency_ms": round((time.perf_counter() - job.t0) * 1000, 3)}
+            if job.quantiles is not None:
+                item["set"] = _prediction_set(result, job.quantiles)
             _post(job.loop, self._deliver, job, item, result.exit, served.generation)
 
         self._metrics.microbatch(len(ok), len(x))
@@ -398,6 +412,36 @@ class _Batcher:
                 self._monitor.observe(x, output, served.exit_names, ee.backbone, served.version, encoded)
             except Exception:
                 log.exception("traffic monitor failed (ignored)")
+
+
+def _set_quantiles(ee, alpha: float, exit_names: list[str]) -> torch.Tensor:
+    """Per-exit conformal quantiles of the serving bundle at ``alpha``; ValueError names what is missing."""
+    if getattr(ee, "conformal", None) is None:
+        raise ValueError("this bundle has no conformal calibration, so no prediction sets: refit it with selfxit "
+                         "enable (or fit) to calibrate them")
+    return ee.conformal.quantile_vector(alpha, exit_names)
+
+
+def _prediction_set(result, quantiles: torch.Tensor) -> list[int]:
+    """One item's conformal set as sorted class indices (the backbone's answer alone when no exit fired)."""
+    from .conformal import prediction_sets
+    sets = prediction_sets(result.probabilities[None].float(), torch.tensor([result.exit]),
+                           torch.tensor([result.prediction]), quantiles)
+    return torch.nonzero(sets[0]).flatten().tolist()
+
+
+def _sets_alpha(value: Any, where: str) -> float | None:
+    """A request's prediction-set alpha (None when not asked for); ApiError(400) when it is not in (0, 1)."""
+    if value is None or value == "":
+        return None
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        alpha = float("nan")
+    if isinstance(value, bool) or not 0 < alpha < 1:
+        raise ApiError(400, f"{where} must be a number in (0, 1), the prediction sets' miss rate alpha "
+                            f"(e.g. 0.05); got {value!r}")
+    return alpha
 
 
 # ---- request parsing ---------------------------------------------------------------------------------
@@ -613,9 +657,15 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
         return state["next_request"]
 
     async def answer(x: torch.Tensor, endpoint: str, t0: float, on_item: Callable[[dict], None],
-                     request_id: int, encoded: list[tuple[bytes, str]] | None = None) -> _Job:
+                     request_id: int, encoded: list[tuple[bytes, str]] | None = None,
+                     sets_alpha: float | None = None) -> _Job:
         """Queue ``x`` and wait until every item is answered (or the request times out)."""
-        job = _Job(x, asyncio.get_running_loop(), on_item, request_id, endpoint, t0, encoded)
+        if sets_alpha is not None:  # fail fast; the worker checks again against the bundle it runs
+            try:
+                _set_quantiles(state["served"].ee, sets_alpha, state["served"].exit_names)
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from exc
+        job = _Job(x, asyncio.get_running_loop(), on_item, request_id, endpoint, t0, encoded, sets_alpha)
         batcher.submit(job)
         try:
             await asyncio.wait_for(asyncio.shield(job.done), config.request_timeout_s)
@@ -674,13 +724,14 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
         x = await asyncio.to_thread(decode_images, [(name, data) for name, data, _ in blobs])
         return x, [(data, _image_type(data)) for _, data, _ in blobs]
 
-    async def parse_json(body: bytes) -> torch.Tensor:
+    async def parse_json(body: bytes) -> tuple[torch.Tensor, Any]:
+        """(the tensor, the body's "sets" value or None)."""
         def parse():
             try:
                 payload = json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise ApiError(400, f"body is not valid JSON: {exc}") from exc
-            return _json_tensor(payload, config.max_batch)
+            return _json_tensor(payload, config.max_batch), payload.get("sets")
 
         return await asyncio.to_thread(parse)
 
@@ -701,16 +752,18 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
             if ctype not in ("multipart/form-data", "application/json"):
                 raise ApiError(415, f"unsupported content type {ctype or 'none'!r}; send multipart/form-data "
                                     "(images in field 'files') or application/json {\"inputs\": [...]}")
+            sets_alpha = _sets_alpha(request.query_params.get("sets"), "query parameter 'sets'")
             body = await read_body(request)
             encoded = None
             if ctype == "multipart/form-data":
                 x, encoded = await parse_multipart(request, body)
             else:
-                x = await parse_json(body)
+                x, body_sets = await parse_json(body)
+                sets_alpha = _sets_alpha(body_sets, "'sets'") if body_sets is not None else sets_alpha
             check_shape(x)
             items: list[dict] = []
             request_id = next_id()
-            job = await answer(x, "predict", t0, items.append, request_id, encoded)
+            job = await answer(x, "predict", t0, items.append, request_id, encoded, sets_alpha)
         except ApiError as exc:
             metrics.error("predict", exc.status)
             raise
@@ -722,6 +775,13 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
         await websocket.accept()
         batch = 0
         try:
+            connection_sets = _sets_alpha(websocket.query_params.get("sets"), "query parameter 'sets'")
+        except ApiError as exc:
+            await websocket.send_json({"type": "error", "batch": None, "id": None, "status": exc.status,
+                                       "error": exc.message})
+            await websocket.close(code=1008)
+            return
+        try:
             while True:
                 message = await websocket.receive()
                 if message["type"] == "websocket.disconnect":
@@ -730,6 +790,7 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
                 metrics.request("stream")
                 tag = None
                 encoded = None
+                sets_alpha = connection_sets
                 queue: asyncio.Queue = asyncio.Queue()
                 try:
                     if message.get("bytes") is not None:
@@ -742,10 +803,12 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
                             raise ApiError(400, f"message is not valid JSON: {exc}") from exc
                         tag = payload.get("id") if isinstance(payload, dict) else None
                         x = await asyncio.to_thread(_json_tensor, payload, config.max_batch)
+                        if payload.get("sets") is not None:
+                            sets_alpha = _sets_alpha(payload["sets"], "'sets'")
                     check_shape(x)
                     sender = asyncio.create_task(_forward(websocket, queue, batch, tag))
                     try:
-                        job = await answer(x, "stream", t0, queue.put_nowait, next_id(), encoded)
+                        job = await answer(x, "stream", t0, queue.put_nowait, next_id(), encoded, sets_alpha)
                     finally:
                         queue.put_nowait(None)
                         await sender

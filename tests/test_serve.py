@@ -183,6 +183,55 @@ def test_websocket_streams_each_item_as_its_exit_fires(server, built):
         assert done["type"] == "done" and done["batch"] == 3 and done["items"] == 1
 
 
+def _expected_sets(ee, x, alpha):
+    """Each sample's conformal set (sorted class indices) from the bundle run in this process."""
+    sets = ee(x, prediction_sets=alpha).prediction_sets
+    return [torch.nonzero(row).flatten().tolist() for row in sets]
+
+
+def test_prediction_sets_over_http_and_websocket_match_the_bundle_in_process(server, built):
+    files = built["files"]
+    x, expected = _reference(built["ee"], built["info"], files)
+    sets = _expected_sets(built["ee"], x, 0.1)
+    response = server["client"].post("/v1/predict", params={"sets": "0.1"}, files=_multipart(files))
+    items = response.json()["items"]
+    assert _items(response) == expected and [item["set"] for item in items] == sets
+    for item in items:  # the backbone's own answers come with the singleton set of that answer
+        if item["exit"] == "final":
+            assert item["set"] == [item["class"]]
+    assert any(len(item["set"]) != 1 for item in items if item["exit"] != "final")  # sets do their job
+
+    json_items = server["client"].post("/v1/predict", json={"inputs": x[:6].tolist(), "sets": 0.05}).json()["items"]
+    assert [item["set"] for item in json_items] == _expected_sets(built["ee"], x[:6], 0.05)
+    assert "set" not in server["client"].post("/v1/predict", files=_multipart(files[:2])).json()["items"][0]
+
+    with connect(f"ws://127.0.0.1:{server['port']}/v1/stream?sets=0.1", open_timeout=10) as ws:
+        ws.send(json.dumps({"inputs": x[:6].tolist()}))
+        results = [json.loads(ws.recv(timeout=30)) for _ in range(7)]
+        assert results[-1]["type"] == "done"
+        assert {r["index"]: r["set"] for r in results[:-1]} == dict(enumerate(sets[:6]))
+        ws.send(json.dumps({"inputs": x[:2].tolist(), "sets": 0.01}))  # a message may ask for its own alpha
+        results = [json.loads(ws.recv(timeout=30)) for _ in range(3)]
+        assert {r["index"]: r["set"] for r in results[:-1]} == dict(enumerate(_expected_sets(built["ee"], x[:2], 0.01)))
+
+
+@pytest.mark.parametrize("sets, words", [("2", "(0, 1)"), ("abc", "(0, 1)"), ("0.2", "calibrated for alpha")])
+def test_bad_prediction_set_alpha_gets_a_400_naming_it_and_the_server_keeps_serving(server, built, sets, words):
+    response = server["client"].post("/v1/predict", params={"sets": sets}, files=_multipart(built["files"][:2]))
+    assert response.status_code == 400 and words in response.json()["error"], response.text
+    bad_json = server["client"].post("/v1/predict", json={"inputs": torch.zeros(1, 3, 32, 32).tolist(), "sets": True})
+    assert bad_json.status_code == 400 and "'sets'" in bad_json.json()["error"]
+    with connect(f"ws://127.0.0.1:{server['port']}/v1/stream?sets={sets}", open_timeout=10) as ws:
+        if words == "(0, 1)":  # a malformed alpha on the connection: one error message, then the socket closes
+            error = json.loads(ws.recv(timeout=30))
+            assert error["type"] == "error" and error["status"] == 400 and words in error["error"]
+        else:  # a well-formed but uncalibrated alpha: each batch gets the error, the connection stays usable
+            ws.send(built["files"][0].read_bytes())
+            error = json.loads(ws.recv(timeout=30))
+            assert error["type"] == "error" and words in error["error"]
+    assert len(_items(server["client"].post("/v1/predict", files=_multipart(built["files"][:2])))) == 2
+
+
 def _bad_requests(built):
     jpeg = built["files"][0].read_bytes()
     good_shape = torch.zeros(2, 3, 32, 32).tolist()
