@@ -30,11 +30,15 @@ class Evaluation:
 
 
 def cost_per_exit(ee) -> np.ndarray:
-    """FLOPs of a sample answered at each active exit (last entry: answered by the backbone)."""
+    """FLOPs of a sample answered at each active exit (last entry: answered by the backbone).
+
+    A sample pays for the backbone up to its exit plus every head it passed, and their learned gates.
+    """
     remaining = {c.name: c.remaining_flops for c in ee.candidates}
     spent_heads, costs = 0, []
     for layer in ee.thresholds:
-        spent_heads += ee.head_flops[layer]
+        gate = ee.gates.get(layer) if ee.gate == "learned" else None
+        spent_heads += ee.head_flops[layer] + (gate.flops() if gate is not None else 0)
         costs.append(ee.backbone_flops - remaining[layer] + spent_heads)
     return np.array(costs + [ee.backbone_flops + spent_heads], dtype=np.float64)
 

@@ -13,6 +13,7 @@ from selfxit.cifar_resnet import cifar_resnet
 from selfxit.cli import build_parser
 from selfxit.data import ImageFolderData
 from selfxit.distill import DistillConfig
+from selfxit.evaluate import cost_per_exit
 from selfxit.flops import count_flops
 from selfxit.heads import DEFAULT_HEAD, build_head
 from selfxit.runtime import FINAL, EarlyExitRunner, Exit
@@ -259,6 +260,20 @@ def test_learned_runtime_save_load(fitted, tmp_path):
         assert torch.equal(out.logits[final], reference[final])
     finally:
         ee.thresholds = chosen
+
+
+def test_cost_per_exit_counts_the_gates(fitted):
+    ee, *_ = fitted
+    chosen, layers = dict(ee.thresholds), list(ee.gates)
+    ee.thresholds = {name: 0.5 for name in layers}  # the whole gated chain
+    try:
+        with_gates = cost_per_exit(ee)
+        ee.gate = "confidence"
+        plain = cost_per_exit(ee)
+    finally:
+        ee.gate, ee.thresholds = "learned", chosen
+    gate_flops = np.cumsum([ee.gates[n].flops() for n in layers])
+    assert np.allclose(with_gates - plain, [*gate_flops, gate_flops[-1]]) and gate_flops[-1] > 0
 
 
 def test_learned_gate_needs_certified_method(fitted):
