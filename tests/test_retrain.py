@@ -12,7 +12,9 @@ import torch
 import selfxit
 from selfxit.data import ImageFolderData
 from selfxit.distill import DistillConfig
+from selfxit.medial import MedialDataset
 from selfxit.retrain import BundleCheck, RetrainConfig, decide, parse_duration, retrain
+from selfxit.runtime import FINAL
 from selfxit.traffic import TrafficLog, TrafficRecord
 from selfxit.versions import BundleStore
 from selfxit.zoo import load_backbone
@@ -60,7 +62,8 @@ def setup(shared, tmp_path_factory):
     for i in range(200, 900):
         log.append(TrafficRecord(timestamp=now - (900 - i), input=images[i][0], exit="final", source="collect"))
     log.close()
-    return {"model": model, "info": info, "root": root, "current": current, "log": root / "log"}
+    probe = torch.stack([images[i][0] for i in range(200, 264)])  # logged traffic, to run bundles on
+    return {"model": model, "info": info, "root": root, "current": current, "log": root / "log", "probe": probe}
 
 
 def test_retrain_publishes_a_better_bundle_and_a_second_run_on_the_same_window_does_nothing(setup):
@@ -78,6 +81,28 @@ def test_retrain_publishes_a_better_bundle_and_a_second_run_on_the_same_window_d
     again = retrain(setup["log"], store, setup["model"], setup["info"], config, progress=False)
     assert not again.published and "already retrained" in again.reason
     assert [v.name for v in store.versions()] == ["v000001", "v000002"]
+
+
+def test_a_learned_gate_bundle_is_retrained_as_learned_gates(setup):
+    model = setup["model"]
+    ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), max_candidates=3)
+    ee.medial = MedialDataset(setup["root"] / "medial")
+    ee.fit(0.2, distill=DistillConfig(epochs=2), gate="learned", progress=False)
+    ee.thresholds = {}  # every exit off, so a sensible candidate saves FLOPs
+    current = ee.save(setup["root"] / "current-learned")
+    store = BundleStore(setup["root"] / "bundles-learned")
+    config = RetrainConfig(since=None, tolerance=0.2, min_records=100, epochs=5, augment_copies=1)
+    result = retrain(setup["log"], store, model, setup["info"], config, current_bundle=current, progress=False)
+    assert result.published, result.reason
+    published = selfxit.load(store.current_path, model)
+    assert published.gate == "learned" and published.thresholds and set(published.thresholds) <= set(published.gates)
+    x = setup["probe"]
+    out = published(x)
+    assert torch.equal(out.exit, published(x, shrink=False).exit)  # the runtime shrinks on the gates' decisions
+    with torch.no_grad():
+        reference = model(x)
+    final = out.exit == FINAL
+    assert torch.equal(out.logits[final], reference[final])
 
 
 def test_too_few_records_does_nothing(setup):
