@@ -60,26 +60,40 @@ def _latency_ratio(ee, inputs: torch.Tensor, batch_size: int, max_batches: int) 
     return early / plain, 1000 * plain / len(batches)
 
 
-def evaluate(ee, loader, latency: bool = True, latency_samples: int = 256, progress: bool = True) -> Evaluation:
-    """Run ``ee`` and the plain backbone over ``loader`` (batches ``x`` or ``(x, labels, ...)``)."""
+def evaluate(ee, loader, latency: bool = True, latency_samples: int = 256, progress: bool = True,
+             reference: torch.Tensor | None = None) -> Evaluation:
+    """Run ``ee`` and the plain backbone over ``loader`` (batches ``x`` or ``(x, labels, ...)``).
+
+    ``reference``: the backbone's top-1 for every sample in loader order, when already known (e.g. to
+    compare two bundles on the same data without running the backbone twice).
+    """
     costs = cost_per_exit(ee)
+    seen = 0
     names = list(ee.thresholds) + ["final"]
     exits, agree, hits_bb, hits_ee, labels_all, kept_inputs = [], [], [], [], [], []
     with torch.inference_mode():
         for batch in tqdm(loader, desc="evaluate", disable=not progress):
             x, labels = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1] if len(batch) > 1 else None)
-            reference = ee.backbone(x).argmax(1)
+            if reference is None:
+                backbone_top1 = ee.backbone(x).argmax(1)
+            else:
+                backbone_top1 = reference[seen:seen + len(x)]
+                if len(backbone_top1) != len(x):
+                    raise ValueError(f"reference holds {len(reference)} answers; the data has more samples")
+            seen += len(x)
             out = ee(x)
             exits.append(out.exit.numpy())
-            agree.append((out.predictions == reference).numpy())
+            agree.append((out.predictions == backbone_top1).numpy())
             if labels is not None:
                 labels_all.append(labels.numpy())
-                hits_bb.append((reference == labels).numpy())
+                hits_bb.append((backbone_top1 == labels).numpy())
                 hits_ee.append((out.predictions == labels).numpy())
             if latency and sum(len(k) for k in kept_inputs) < max(latency_samples, 32 * 8):
                 kept_inputs.append(x)
     if not exits:
         raise ValueError("nothing to evaluate: the data is empty")
+    if reference is not None and seen != len(reference):
+        raise ValueError(f"reference holds {len(reference)} answers for {seen} samples")
     exit_idx = np.concatenate(exits)
     position = np.where(exit_idx == FINAL, len(names) - 1, exit_idx)
     agree_all = np.concatenate(agree)

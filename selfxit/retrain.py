@@ -114,9 +114,9 @@ def window_digest(records) -> str:
     return digest.hexdigest()[:32]
 
 
-def _check(ee: EarlyExitModel, inputs: torch.Tensor) -> BundleCheck:
+def _check(ee: EarlyExitModel, inputs: torch.Tensor, reference: torch.Tensor) -> BundleCheck:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs), batch_size=128)
-    result = evaluate(ee, loader, latency=False, progress=False)
+    result = evaluate(ee, loader, latency=False, progress=False, reference=reference)
     return BundleCheck(result.flops_fraction, result.agreement, result.exit_rates)
 
 
@@ -190,7 +190,10 @@ def retrain(log: str | Path | TrafficLog, store: BundleStore, model: torch.nn.Mo
                       gate=current.gate)  # keep the serving bundle's kind of exit decision
         timings["fit"] = time.perf_counter() - t
         t = time.perf_counter()
-        result.current, result.candidate = _check(current, holdout), _check(candidate, holdout)
+        with torch.inference_mode():  # the backbone's answers, once for both bundles
+            reference = torch.cat([current.backbone(x).argmax(1) for x in holdout.split(128)])
+        result.current = _check(current, holdout, reference)
+        result.candidate = _check(candidate, holdout, reference)
         timings["validate"] = time.perf_counter() - t
         publish, reason = decide(result.current, result.candidate, tolerance)
         if not candidate.thresholds:

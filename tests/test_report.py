@@ -5,6 +5,7 @@ import io
 import json
 import math
 import re
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -64,7 +65,7 @@ def _build(shared, tmp_path_factory):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows.tolist()), batch_size=64)
     evaluation = evaluate(ee, loader, latency=False, progress=False)
     return {"ee": ee, "bundle": bundle, "out": out, "result": result, "evaluation": evaluation, "args": args,
-            "stdout": stdout.getvalue()}
+            "stdout": stdout.getvalue(), "loader": loader}
 
 
 def _close(a, b):
@@ -92,7 +93,22 @@ def test_report_json_matches_evaluate(built):
         assert all(_close(summary[key][n], getattr(ev, key)[n]) for n in summary[key]), key
 
 
-def test_per_exit_curves_and_collaborative_table(built):
+def test_evaluate_with_known_backbone_answers(built):
+    ee, loader = built["ee"], built["loader"]
+    with torch.inference_mode():
+        reference = torch.cat([ee.backbone(x).argmax(1) for x, *_ in loader])
+    again = evaluate(ee, loader, latency=False, progress=False, reference=reference)
+    same = json.dumps(asdict(again), sort_keys=True) == json.dumps(asdict(built["evaluation"]), sort_keys=True)
+    assert same  # the same figures without running the backbone as reference
+    flipped = evaluate(ee, loader, latency=False, progress=False, reference=(reference + 1) % 10)
+    assert flipped.agreement < built["evaluation"].agreement  # the given answers are what agreement is scored on
+    with pytest.raises(ValueError, match="reference holds"):
+        evaluate(ee, loader, latency=False, progress=False, reference=reference[:-1])
+    with pytest.raises(ValueError, match="reference holds"):
+        evaluate(ee, loader, latency=False, progress=False, reference=torch.cat([reference, reference[:1]]))
+
+
+
     result, ee = built["result"], built["ee"]
     assert list(result["per_exit"]) == [c.name for c in ee.candidates if c.name in ee.heads]  # every head
     for curve in result["per_exit"].values():
