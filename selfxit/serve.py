@@ -81,6 +81,7 @@ import numpy as np
 import torch
 
 from .bundle import MANIFEST, WEIGHTS
+from .conformal import prediction_sets
 
 log = logging.getLogger("selfxit.serve")
 
@@ -424,7 +425,6 @@ def _set_quantiles(ee, alpha: float, exit_names: list[str]) -> torch.Tensor:
 
 def _prediction_set(result, quantiles: torch.Tensor) -> list[int]:
     """One item's conformal set as sorted class indices (the backbone's answer alone when no exit fired)."""
-    from .conformal import prediction_sets
     sets = prediction_sets(result.probabilities[None].float(), torch.tensor([result.exit]),
                            torch.tensor([result.prediction]), quantiles)
     return torch.nonzero(sets[0]).flatten().tolist()
