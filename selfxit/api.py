@@ -267,6 +267,7 @@ class EarlyExitModel:
     def thresholds(self, value: dict[str, float]) -> None:
         self._thresholds = dict(value)
         self._runner = None  # the runner is built from the active exits
+
     @property
     def exits(self) -> list[Exit]:
         """The active exits, in forward order."""
@@ -288,17 +289,20 @@ class EarlyExitModel:
         backbone's answer with probability >= 1 - alpha (alpha as calibrated by ``fit``: 0.01, 0.05, 0.1).
         """
         self.check_input(x)
-        quantiles = None
-        if prediction_sets is not None:
-            if self.conformal is None:
-                raise RuntimeError("no conformal calibration in this model: fit(...) it (or load a bundle that has one)")
-            quantiles = self.conformal.quantile_vector(prediction_sets, list(self.thresholds))
+        quantiles = None if prediction_sets is None else self.set_quantiles(prediction_sets)
         if self._runner is None:
             self._runner = EarlyExitRunner(self.backbone, self.exits, self.num_classes)
         out = self._runner(x, callback=callback, shrink=shrink)
         if quantiles is not None:
             out.prediction_sets = conformal.prediction_sets(out.probabilities, out.exit, out.predictions, quantiles)
         return out
+
+    def set_quantiles(self, alpha: float) -> torch.Tensor:
+        """[active exits] conformal quantiles at ``alpha``; ValueError when there is no calibration for it."""
+        if self.conformal is None:
+            raise ValueError("no conformal calibration in this model, so no prediction sets: fit(...) it (or load "
+                             "a bundle that has one)")
+        return self.conformal.quantile_vector(alpha, list(self.thresholds))
 
     def check_input(self, x) -> None:
         """Raise a clear error for inputs the backbone cannot take."""

@@ -372,8 +372,7 @@ class _Batcher:
         for job in jobs:
             try:
                 ee.check_input(job.x)
-                job.quantiles = None if job.sets_alpha is None else _set_quantiles(ee, job.sets_alpha,
-                                                                                   served.exit_names)
+                job.quantiles = None if job.sets_alpha is None else ee.set_quantiles(job.sets_alpha)
                 ok.append(job)
             except (TypeError, ValueError) as exc:
                 _post(job.loop, _settle, job.done, ApiError(400, str(exc)))
@@ -413,14 +412,6 @@ class _Batcher:
                 self._monitor.observe(x, output, served.exit_names, ee.backbone, served.version, encoded)
             except Exception:
                 log.exception("traffic monitor failed (ignored)")
-
-
-def _set_quantiles(ee, alpha: float, exit_names: list[str]) -> torch.Tensor:
-    """Per-exit conformal quantiles of the serving bundle at ``alpha``; ValueError names what is missing."""
-    if getattr(ee, "conformal", None) is None:
-        raise ValueError("this bundle has no conformal calibration, so no prediction sets: refit it with selfxit "
-                         "enable (or fit) to calibrate them")
-    return ee.conformal.quantile_vector(alpha, exit_names)
 
 
 def _prediction_set(result, quantiles: torch.Tensor) -> list[int]:
@@ -662,7 +653,7 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
         """Queue ``x`` and wait until every item is answered (or the request times out)."""
         if sets_alpha is not None:  # fail fast; the worker checks again against the bundle it runs
             try:
-                _set_quantiles(state["served"].ee, sets_alpha, state["served"].exit_names)
+                state["served"].ee.set_quantiles(sets_alpha)
             except ValueError as exc:
                 raise ApiError(400, str(exc)) from exc
         job = _Job(x, asyncio.get_running_loop(), on_item, request_id, endpoint, t0, encoded, sets_alpha)

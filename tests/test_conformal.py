@@ -98,3 +98,19 @@ def test_cascade_helpers_match_direct_calibration():
     assert quality["0.01"].early_samples == int((taken[500:] >= 0).sum())
     assert quality["0.01"].coverage_early >= quality["0.1"].coverage_early
     assert quality["0.01"].mean_size_early >= quality["0.1"].mean_size_early
+
+
+def test_prediction_sets_need_a_calibration():
+    from selfxit.api import EarlyExitModel
+    from selfxit.candidates import Candidate
+    from selfxit.cifar_resnet import cifar_resnet
+    from selfxit.heads import DEFAULT_HEAD, build_head
+    cand = Candidate("layer2", (32, 16, 16), 1)
+    ee = EarlyExitModel(cifar_resnet("cifar_resnet20").eval(), (3, 32, 32), 10, [cand], backbone_flops=2)
+    ee.heads[cand.name] = build_head(DEFAULT_HEAD, cand.shape, 10)
+    ee.head_specs[cand.name], ee.temperatures[cand.name], ee.head_flops[cand.name] = DEFAULT_HEAD, 1.0, 1
+    ee.thresholds = {cand.name: 0.9}
+    x = torch.zeros(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="no conformal calibration in this model"):
+        ee(x, prediction_sets=0.05)
+    assert ee(x).prediction_sets is None  # without asking, inference works as before
