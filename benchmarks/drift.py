@@ -31,13 +31,13 @@ os.environ.setdefault("NNI_FRAMEWORK", "none")
 
 import selfxit  # noqa: E402
 from selfxit.cli import _quiet_libraries, main  # noqa: E402
-from selfxit.data import IMAGE_EXTENSIONS, ImageFolderData  # noqa: E402
-from selfxit.evaluate import evaluate  # noqa: E402
-from selfxit.monitor import MonitorConfig, TrafficMonitor  # noqa: E402
-from selfxit.retrain import RetrainConfig, retrain, summary  # noqa: E402
+from selfxit.zoo.data import IMAGE_EXTENSIONS, ImageFolderData  # noqa: E402
+from selfxit.evaluate.evaluation import evaluate  # noqa: E402
+from selfxit.serve.monitor import MonitorConfig, TrafficMonitor  # noqa: E402
+from selfxit.ops.retrain import RetrainConfig, retrain, summary  # noqa: E402
 from selfxit.settings import shared_dir  # noqa: E402
-from selfxit.shift import apply_shift  # noqa: E402
-from selfxit.versions import BundleStore  # noqa: E402
+from selfxit.ops.shift import apply_shift  # noqa: E402
+from selfxit.ops.versions import BundleStore  # noqa: E402
 from selfxit.zoo import load_backbone  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import tempfile
 import torch
 
 import selfxit
-from selfxit.data import ImageFolderData, default_traffic_dir
+from selfxit.zoo.data import ImageFolderData, default_traffic_dir
 from selfxit.zoo import load_backbone
 
 parser = argparse.ArgumentParser()

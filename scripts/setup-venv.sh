@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with the pinned dependencies and selfxit installed in editable mode (idempotent).
+# Create .venv with every extra (selfxit[all]) at the tested versions, selfxit in editable mode (idempotent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -8,5 +8,5 @@ if ! .venv/bin/python -c "import torch, torchvision; assert torch.__version__.st
     # torch/torchvision first and pinned: other versions download GBs or break torchvision's operators.
     .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 fi
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e '.[all,test]'
 echo "selfxit installed in $(pwd)/.venv"

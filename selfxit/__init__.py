@@ -1,7 +1,7 @@
 """selfxit: make a frozen pretrained classifier answer early for easy inputs, label-free."""
-from .api import EarlyExitModel, FitReport, load, wrap
-from .distill import DistillConfig
-from .runtime import FINAL, EarlyExitOutput, SampleResult
+from selfxit.api import EarlyExitModel, FitReport, load, wrap
+from selfxit.fit.distill import DistillConfig
+from selfxit.core.runtime import FINAL, EarlyExitOutput, SampleResult
 
 __all__ = ["wrap", "load", "EarlyExitModel", "FitReport", "DistillConfig", "EarlyExitOutput", "SampleResult", "FINAL"]
 __version__ = "0.1.0"

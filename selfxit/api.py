@@ -11,17 +11,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import conformal, gates as gating, optimize
-from .bundle import BundleError, backbone_fingerprint, load_bundle, save_bundle
-from .calibrate import expected_calibration_error, fit_temperature
-from .candidates import Candidate, find_candidates
-from .distill import DistillConfig, distill_head, head_logits
-from .flops import count_flops
-from .gates import GATES, GateConfig, build_gate
-from .heads import DEFAULT_HEAD, build_head
-from .medial import SPLITS, MedialDataset
-from .recording import record
-from .runtime import EarlyExitOutput, EarlyExitRunner, Exit
+from selfxit.fit import conformal
+from selfxit.fit import gates as gating
+from selfxit.fit import select as optimize
+from selfxit.core.bundle import BundleError, backbone_fingerprint, load_bundle, save_bundle
+from selfxit.fit.calibrate import expected_calibration_error, fit_temperature
+from selfxit.core.candidates import Candidate, find_candidates
+from selfxit.fit.distill import DistillConfig, distill_head, head_logits
+from selfxit.core.flops import count_flops
+from selfxit.fit.gates import GATES, GateConfig, build_gate
+from selfxit.core.heads import DEFAULT_HEAD, build_head
+from selfxit.fit.medial import SPLITS, MedialDataset
+from selfxit.fit.record import record
+from selfxit.core.runtime import EarlyExitOutput, EarlyExitRunner, Exit
 
 METHODS = ("certified", "joint", "paper")
 
@@ -124,13 +126,13 @@ class EarlyExitModel:
             gate_config: GateConfig | None = None) -> FitReport:
         """Train a head per candidate (KL to the backbone), calibrate, and choose exits and thresholds.
 
-        ``heads`` maps layer names to head specs (see :mod:`selfxit.heads`), or is one spec for all.
+        ``heads`` maps layer names to head specs (see :mod:`selfxit.core.heads`), or is one spec for all.
         ``method``: 'certified' (default) keeps the promise on unseen traffic with probability >= 1 - delta;
         'joint' and 'paper' only hold on the validation split. Heads already trained on this medial
         dataset with the same spec are reused unless ``retrain``. ``warm_start`` maps layer names to
         trained heads (e.g. the serving bundle's) that training starts from instead of a fresh init,
         where the spec matches. ``gate``: thresholds apply to the calibrated max-softmax ('confidence') or
-        to learned gates ('learned', see :mod:`selfxit.gates`; trained and designed on 'tune', certified on
+        to learned gates ('learned', see :mod:`selfxit.fit.gates`; trained and designed on 'tune', certified on
         'val', so it needs ``method='certified'``). Conformal prediction sets are calibrated on 'val'.
         """
         if not 0 < tolerance < 1:
@@ -246,7 +248,7 @@ class EarlyExitModel:
                 "certified": (cert.chosen.thresholds, cert.confidence_level)}
 
     def search(self, config, out_dir: str | Path, trials: int | None = None, progress: bool = True):
-        """NAS of a head per candidate layer with NNI on the medial dataset (see :mod:`selfxit.search`).
+        """NAS of a head per candidate layer with NNI on the medial dataset (see :mod:`selfxit.search.run`).
 
         ``config``: a YAML/JSON path (e.g. ``search_spaces/conv_linear.yaml``), a dict or a SearchConfig;
         ``trials`` overrides its per-layer budget. Resumes what ``out_dir`` holds. Returns a SearchResult;
@@ -254,7 +256,7 @@ class EarlyExitModel:
         """
         if self.medial is None:
             raise RuntimeError("no medial dataset: call collect(...) first")
-        from .search import run_search
+        from selfxit.search.run import run_search
         return run_search(self.medial, self.candidates, self.num_classes, config, out_dir, trials, progress)
 
     # ---- inference ---------------------------------------------------------------------------------

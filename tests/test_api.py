@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 import selfxit
-from selfxit.bundle import BundleError
-from selfxit.data import ImageFolderData
-from selfxit.distill import DistillConfig
-from selfxit.runtime import FINAL
+from selfxit.core.bundle import BundleError
+from selfxit.zoo.data import ImageFolderData
+from selfxit.fit.distill import DistillConfig
+from selfxit.core.runtime import FINAL
 from selfxit.zoo import load_backbone
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from selfxit import bundle
-from selfxit.bundle import MANIFEST, WEIGHTS, BundleError, backbone_fingerprint, load_bundle, save_bundle
+from selfxit.core import bundle
+from selfxit.core.bundle import MANIFEST, WEIGHTS, BundleError, backbone_fingerprint, load_bundle, save_bundle
 
 
 def _heads(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from selfxit.calibrate import expected_calibration_error, fit_temperature
+from selfxit.fit.calibrate import expected_calibration_error, fit_temperature
 
 
 def _sample_top1(logits: torch.Tensor, temperature: float, seed: int) -> torch.Tensor:

@@ -6,9 +6,9 @@ import torch
 import torchvision
 from torch import nn
 
-from selfxit.candidates import Candidate, articulation_modules, find_candidates
-from selfxit.cifar_resnet import cifar_resnet
-from selfxit.flops import count_flops
+from selfxit.core.candidates import Candidate, articulation_modules, find_candidates
+from selfxit.zoo.cifar_resnet import cifar_resnet
+from selfxit.core.flops import count_flops
 
 
 class Residual(nn.Module):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from selfxit import conformal
-from selfxit.runtime import FINAL
+from selfxit.fit import conformal
+from selfxit.core.runtime import FINAL
 
 torch.set_num_threads(1)
 
@@ -102,9 +102,9 @@ def test_cascade_helpers_match_direct_calibration():
 
 def test_prediction_sets_need_a_calibration():
     from selfxit.api import EarlyExitModel
-    from selfxit.candidates import Candidate
-    from selfxit.cifar_resnet import cifar_resnet
-    from selfxit.heads import DEFAULT_HEAD, build_head
+    from selfxit.core.candidates import Candidate
+    from selfxit.zoo.cifar_resnet import cifar_resnet
+    from selfxit.core.heads import DEFAULT_HEAD, build_head
     cand = Candidate("layer2", (32, 16, 16), 1)
     ee = EarlyExitModel(cifar_resnet("cifar_resnet20").eval(), (3, 32, 32), 10, [cand], backbone_flops=2)
     ee.heads[cand.name] = build_head(DEFAULT_HEAD, cand.shape, 10)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from selfxit import data
-from selfxit.data import CorruptImageError, ImageFolderData, default_traffic_dir, image_transform, split_indices
+from selfxit.zoo import data
+from selfxit.zoo.data import CorruptImageError, ImageFolderData, default_traffic_dir, image_transform, split_indices
 from selfxit.settings import shared_dir
 from selfxit.zoo import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
 

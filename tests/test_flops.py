@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfxit.cifar_resnet import cifar_resnet
-from selfxit.flops import count_flops, cumulative_flops
+from selfxit.zoo.cifar_resnet import cifar_resnet
+from selfxit.core.flops import count_flops, cumulative_flops
 
 
 def _state(model: nn.Module) -> list:

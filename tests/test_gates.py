@@ -8,15 +8,16 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import selfxit
-from selfxit import gates, optimize
-from selfxit.cifar_resnet import cifar_resnet
+from selfxit.fit import gates
+from selfxit.fit import select as optimize
+from selfxit.zoo.cifar_resnet import cifar_resnet
 from selfxit.cli import build_parser
-from selfxit.data import ImageFolderData
-from selfxit.distill import DistillConfig
-from selfxit.evaluate import cost_per_exit
-from selfxit.flops import count_flops
-from selfxit.heads import DEFAULT_HEAD, build_head
-from selfxit.runtime import FINAL, EarlyExitRunner, Exit
+from selfxit.zoo.data import ImageFolderData
+from selfxit.fit.distill import DistillConfig
+from selfxit.evaluate.evaluation import cost_per_exit
+from selfxit.core.flops import count_flops
+from selfxit.core.heads import DEFAULT_HEAD, build_head
+from selfxit.core.runtime import FINAL, EarlyExitRunner, Exit
 from selfxit.zoo import load_backbone
 
 torch.set_num_threads(1)

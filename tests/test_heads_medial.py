@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from selfxit.cifar_resnet import cifar_resnet
-from selfxit.data import split_indices
-from selfxit.heads import DEFAULT_HEAD, TokenMean, build_head, split_stem
-from selfxit.medial import SPLITS, MedialDataset, MedialWriter
-from selfxit.recording import TUNE_FRACTION, assign_splits, augment, record
+from selfxit.zoo.cifar_resnet import cifar_resnet
+from selfxit.zoo.data import split_indices
+from selfxit.core.heads import DEFAULT_HEAD, TokenMean, build_head, split_stem
+from selfxit.fit.medial import SPLITS, MedialDataset, MedialWriter
+from selfxit.fit.record import TUNE_FRACTION, assign_splits, augment, record
 
 CONV = {"kind": "conv_linear", "convs": [{"out": 8, "kernel": 3, "stride": 2}], "pool": 1, "hidden": [16]}
 

@@ -1,12 +1,12 @@
-"""Shadow sampling and traffic logging of served micro-batches (selfxit.monitor)."""
+"""Shadow sampling and traffic logging of served micro-batches (selfxit.serve.monitor)."""
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from selfxit.monitor import MonitorConfig, TrafficMonitor
-from selfxit.runtime import FINAL, EarlyExitOutput
-from selfxit.traffic import TrafficLog, TrafficLogError
+from selfxit.serve.monitor import MonitorConfig, TrafficMonitor
+from selfxit.core.runtime import FINAL, EarlyExitOutput
+from selfxit.ops.traffic import TrafficLog, TrafficLogError
 
 
 class Linear(nn.Module):

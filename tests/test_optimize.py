@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import binom
 
-from selfxit import optimize as o
-from selfxit.optimize import OFF, ExitStats
+from selfxit.fit import select as o
+from selfxit.fit.select import OFF, ExitStats
 
 T, F = True, False
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import selfxit
-from selfxit import report as report_mod
-from selfxit.calibrate import expected_calibration_error
-from selfxit.data import ImageFolderData, split_indices
-from selfxit.distill import DistillConfig
-from selfxit.evaluate import evaluate
-from selfxit.report_cli import add_report_parser
+from selfxit.evaluate import report as report_mod
+from selfxit.fit.calibrate import expected_calibration_error
+from selfxit.zoo.data import ImageFolderData, split_indices
+from selfxit.fit.distill import DistillConfig
+from selfxit.evaluate.evaluation import evaluate
+from selfxit.cli.report import add_report_parser
 from selfxit.zoo import load_backbone
 
 SEED, SAMPLES = 2, 300

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import selfxit
-from selfxit.data import ImageFolderData
-from selfxit.distill import DistillConfig
-from selfxit.medial import MedialDataset
-from selfxit.retrain import BundleCheck, RetrainConfig, decide, parse_duration, retrain
-from selfxit.runtime import FINAL
-from selfxit.traffic import TrafficLog, TrafficRecord
-from selfxit.versions import BundleStore
+from selfxit.zoo.data import ImageFolderData
+from selfxit.fit.distill import DistillConfig
+from selfxit.fit.medial import MedialDataset
+from selfxit.ops.retrain import BundleCheck, RetrainConfig, decide, parse_duration, retrain
+from selfxit.core.runtime import FINAL
+from selfxit.ops.traffic import TrafficLog, TrafficRecord
+from selfxit.ops.versions import BundleStore
 from selfxit.zoo import load_backbone
 
 

@@ -14,13 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import selfxit
-import selfxit.search as search_mod
-from selfxit.candidates import Candidate
-from selfxit.data import ImageFolderData
-from selfxit.heads import build_head
-from selfxit.medial import MedialDataset, MedialWriter
-from selfxit.search import apply_search, load_search, run_search
-from selfxit.search_space import (HeadSpace, SearchConfig, SearchConfigError, SpaceConfig, build_strategy,
+import selfxit.search.run as search_mod
+from selfxit.core.candidates import Candidate
+from selfxit.zoo.data import ImageFolderData
+from selfxit.core.heads import build_head
+from selfxit.fit.medial import MedialDataset, MedialWriter
+from selfxit.search.run import apply_search, load_search, run_search
+from selfxit.search.space import (HeadSpace, SearchConfig, SearchConfigError, SpaceConfig, build_strategy,
                                   load_config, searched_spec)
 from selfxit.settings import PROJECT_ROOT
 from selfxit.zoo import load_backbone

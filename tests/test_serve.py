@@ -18,10 +18,10 @@ from websockets.sync.client import connect
 
 import selfxit
 from selfxit.api import EarlyExitModel
-from selfxit.candidates import Candidate
-from selfxit.data import image_transform
-from selfxit.distill import DistillConfig
-from selfxit.heads import DEFAULT_HEAD, build_head
+from selfxit.core.candidates import Candidate
+from selfxit.zoo.data import image_transform
+from selfxit.fit.distill import DistillConfig
+from selfxit.core.heads import DEFAULT_HEAD, build_head
 from selfxit.zoo import load_backbone
 
 MAX_BATCH, MAX_BODY = 20, 1_000_000
@@ -47,7 +47,7 @@ def _wait_until(predicate, seconds: float, what: str):
 @pytest.fixture(scope="session")
 def built(shared, tmp_path_factory):
     """A fitted ResNet-20 bundle whose thresholds are set so that both exits and the backbone answer."""
-    from selfxit.data import ImageFolderData
+    from selfxit.zoo.data import ImageFolderData
     model, info = load_backbone("cifar_resnet20")
     traffic = ImageFolderData(shared / "data" / "cifar10-test", info, max_samples=300, seed=1)
     ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), max_candidates=4)
@@ -78,7 +78,7 @@ def _reference(ee, info, files):
 
 @pytest.fixture(scope="module")
 def server(built, tmp_path_factory):
-    """`python -m selfxit.serve` on a free loopback port, serving a copy of the bundle (killed at teardown)."""
+    """`python -m selfxit.serve.app` on a free loopback port, serving a copy of the bundle (killed at teardown)."""
     serving = tmp_path_factory.mktemp("serving") / "bundle"
     shutil.copytree(built["path"], serving)
     yield from _serve(serving, tmp_path_factory.mktemp("log") / "server.log")
@@ -88,7 +88,7 @@ def _serve(serving, log_path, extra=(), preexec_fn=None):
     """Run the server on ``serving`` until the generator is closed; yields what the tests need."""
     port = _free_port()
     log = open(log_path, "w+")
-    cmd = [sys.executable, "-m", "selfxit.serve", "--bundle", str(serving), "--model", "cifar_resnet20",
+    cmd = [sys.executable, "-m", "selfxit.serve.app", "--bundle", str(serving), "--model", "cifar_resnet20",
            "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(MAX_BATCH), "--max-wait-ms", "20",
            "--max-body-bytes", str(MAX_BODY), "--timeout-s", "30", "--reload-poll-s", "0.2",
            "--log-level", "warning", "--threads", "1", *extra]  # one thread: on busy shared cores two can stall a batch
@@ -360,7 +360,7 @@ def test_traffic_logger_hook_sees_every_item_and_feeds_live_agreement(built):
     """The app served by uvicorn in this process: the hook gets each answered item; its agreement reaches /metrics."""
     import uvicorn
 
-    from selfxit.serve import BundleLoader, ServeConfig, ServedItem, create_app
+    from selfxit.serve.app import BundleLoader, ServeConfig, ServedItem, create_app
 
     class Recorder:
         def __init__(self):
@@ -398,7 +398,7 @@ def test_traffic_logger_hook_sees_every_item_and_feeds_live_agreement(built):
 def test_served_traffic_is_logged_and_shadow_runs_measure_live_agreement(built, tmp_path):
     """--log with every item logged and shadow-run: the log holds the JPEG bytes, the exit, the bundle version
     and the backbone's softmax; /v1/monitor and /metrics report live agreement and hit rates."""
-    from selfxit.traffic import TrafficLog
+    from selfxit.ops.traffic import TrafficLog
     serving = tmp_path / "bundle"
     shutil.copytree(built["path"], serving)
     run = _serve(serving, tmp_path / "server.log", ["--log", str(tmp_path / "traffic"), "--log-fraction", "1",

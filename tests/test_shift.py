@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from selfxit.shift import DEFAULT_STRENGTH, SHIFTS, apply_shift
+from selfxit.ops.shift import DEFAULT_STRENGTH, SHIFTS, apply_shift
 
 
 def image(seed: int = 0, size=(32, 32)) -> Image.Image:

@@ -18,8 +18,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selfxit import traffic
-from selfxit.traffic import (TrafficLog, TrafficRecord, decode_frame, encode_record, record_input,
+from selfxit.ops import traffic
+from selfxit.ops.traffic import (TrafficLog, TrafficRecord, decode_frame, encode_record, record_input,
                              record_inputs)
 
 torch.set_num_threads(1)
@@ -153,7 +153,7 @@ def test_bad_arguments_are_named(tmp_path):
 
 
 def test_record_input_decodes_like_image_folder_data(shared):
-    from selfxit.data import ImageFolderData
+    from selfxit.zoo.data import ImageFolderData
     from selfxit.zoo import ModelInfo
     info = ModelInfo("cifar", (3, 32, 32), None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 10)
     data = ImageFolderData(shared / "data" / "cifar10-test", info, max_samples=3, seed=0)
@@ -391,7 +391,7 @@ def test_collect_logs_shifted_images_with_backbone_probs(shared, tmp_path, capsy
     from PIL import Image
 
     from selfxit.cli import main
-    from selfxit.shift import apply_shift
+    from selfxit.ops.shift import apply_shift
     from selfxit.zoo import load_backbone
 
     images = sorted((shared / "data" / "cifar10-test").rglob("*.jpg"))[::500][:20]

@@ -8,8 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from selfxit.bundle import MANIFEST, BundleError, load_bundle, save_bundle
-from selfxit.versions import BundleStore
+from selfxit.core.bundle import MANIFEST, BundleError, load_bundle, save_bundle
+from selfxit.ops.versions import BundleStore
 
 
 def _bundle(path, tag: float):
@@ -79,7 +79,7 @@ def test_a_publisher_killed_mid_copy_leaves_the_current_version_intact(tmp_path)
                       {"layer1": {"0.weight": torch.full((2, 2), 2.0), "pad": torch.zeros(40_000_000)}})
     script = textwrap.dedent(f"""
         import shutil, sys
-        from selfxit.versions import BundleStore
+        from selfxit.ops.versions import BundleStore
         real = shutil.copy2
         def slow(src, dst, **kw):
             print("copying", flush=True)

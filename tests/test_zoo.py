@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from selfxit import zoo
-from selfxit.data import ImageFolderData
+from selfxit.zoo.data import ImageFolderData
 from selfxit.settings import shared_dir
 from selfxit.zoo import CheckpointError, ChecksumError, load_backbone
 

@@ -15,7 +15,7 @@ Steps (``retrain``):
    tolerance on that traffic (a stale bundle that breaks the promise is never kept for its savings).
    Otherwise the current bundle stays and the result says why.
 
-Publishing goes through :class:`selfxit.versions.BundleStore` (atomic; last N kept; rollback). The
+Publishing goes through :class:`selfxit.ops.versions.BundleStore` (atomic; last N kept; rollback). The
 candidate is built in a temporary folder, so a job killed at any point leaves the published bundle
 untouched. A bundle records the digest of the window it was trained on; running the job again on
 the same window with that bundle current does nothing.
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from .api import EarlyExitModel, load, wrap
-from .distill import DistillConfig
-from .evaluate import evaluate
-from .traffic import TrafficLog, record_input
-from .versions import BundleStore
+from selfxit.api import EarlyExitModel, load, wrap
+from selfxit.fit.distill import DistillConfig
+from selfxit.evaluate.evaluation import evaluate
+from selfxit.ops.traffic import TrafficLog, record_input
+from selfxit.ops.versions import BundleStore
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

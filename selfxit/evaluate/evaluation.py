@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .runtime import FINAL
+from selfxit.core.runtime import FINAL
 
 
 @dataclass

@@ -7,9 +7,9 @@ from pathlib import Path
 
 def run_report(args) -> dict:
     """Load the bundle and the data split the way ``selfxit evaluate`` does, build the report, say where it went."""
-    from . import report
-    from .cli import load_for_evaluation
-    from .data import split_indices
+    from selfxit.evaluate import report
+    from selfxit.cli import load_for_evaluation
+    from selfxit.zoo.data import split_indices
 
     if args.latency_samples < 1:
         raise ValueError(f"--latency-samples must be >= 1; got {args.latency_samples}")

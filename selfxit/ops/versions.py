@@ -25,7 +25,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .bundle import MANIFEST, BundleError, load_bundle
+from selfxit.core.bundle import MANIFEST, BundleError, load_bundle
 
 VERSIONS = "versions"
 CURRENT = "current"

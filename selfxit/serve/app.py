@@ -15,7 +15,7 @@ Endpoints (all errors are 4xx/5xx JSON ``{"error": "..."}`` naming the problem):
 
     Prediction sets: ``?sets=0.05`` (or ``"sets": 0.05`` in a JSON body) adds ``"set": [3, 5]`` to each
     item: a conformal set of classes that holds the backbone's answer with probability >= 1 - alpha
-    (see :mod:`selfxit.conformal`; alpha must be one the bundle was calibrated for, e.g. 0.01, 0.05,
+    (see :mod:`selfxit.fit.conformal`; alpha must be one the bundle was calibrated for, e.g. 0.01, 0.05,
     0.1). An item the backbone answered gets ``[its class]``.
 ``WebSocket /v1/stream``
     The client sends one batch per message: a text message ``{"inputs": ..., "id": any}`` (as above)
@@ -45,7 +45,7 @@ as one early-exit batch, and routes each item's answer back to its own request.
 
 ``GET /v1/monitor``
     Live agreement with the backbone on shadow-run items (overall and per exit), per-exit hit rates
-    on all items, and the traffic log's state (see :mod:`selfxit.monitor`); also in ``/healthz``.
+    on all items, and the traffic log's state (see :mod:`selfxit.serve.monitor`); also in ``/healthz``.
 
 Traffic log and shadow sampling: ``ServeConfig.log`` / ``--log LOG`` appends ``log_fraction`` of the
 served items to a traffic log, and ``shadow_fraction`` of them also run the whole backbone after their
@@ -80,10 +80,10 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from .bundle import MANIFEST, WEIGHTS
-from .conformal import prediction_sets
+from selfxit.core.bundle import MANIFEST, WEIGHTS
+from selfxit.fit.conformal import prediction_sets
 
-log = logging.getLogger("selfxit.serve")
+log = logging.getLogger("selfxit.serve.app")
 
 IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "application/octet-stream"}
 IMAGE_FORMATS = {"JPEG", "PNG"}
@@ -109,7 +109,7 @@ class ServeConfig:
     max_image_pixels: int = 4096 * 4096
     request_timeout_s: float = 30.0
     reload_poll_s: float = 1.0  # 0 turns off watching the bundle folder
-    log: str | None = None  # traffic log directory or fsspec URL (see selfxit.monitor); None: no logging
+    log: str | None = None  # traffic log directory or fsspec URL (see selfxit.serve.monitor); None: no logging
     log_fraction: float = 0.1  # fraction of served items appended to the log
     shadow_fraction: float = 0.02  # fraction of served items also run through the whole backbone
 
@@ -155,7 +155,7 @@ class BundleLoader:
     """Loads the backbone once; each call loads the bundle folder for it (plain: exits switched off)."""
 
     def __init__(self, bundle: str | Path, model: str, weights: str | Path | None = None, plain: bool = False):
-        from .zoo import load_backbone
+        from selfxit.zoo import load_backbone
         self.bundle, self.plain = Path(bundle), plain
         self.backbone, self.info = load_backbone(model, weights)
 
@@ -464,7 +464,7 @@ def _json_tensor(payload: Any, max_batch: int) -> torch.Tensor:
 def _decode_image(data: bytes, name: str, transform, max_pixels: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
-    from .data import CorruptImageError
+    from selfxit.zoo.data import CorruptImageError
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.format not in IMAGE_FORMATS:
@@ -526,7 +526,7 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
     ``ee_loader()`` returns an EarlyExitModel and is called again on every reload; by default it is a
     :class:`BundleLoader` for ``config.bundle``/``config.model``. ``info`` (a ``ModelInfo``, default the
     loader's ``info``) gives image preprocessing; without it only tensor inputs are accepted.
-    ``monitor`` (a :class:`selfxit.monitor.TrafficMonitor`; by default one built from ``config.log``,
+    ``monitor`` (a :class:`selfxit.serve.monitor.TrafficMonitor`; by default one built from ``config.log``,
     ``config.log_fraction`` and ``config.shadow_fraction``) logs traffic and measures live agreement.
     """
     from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -547,7 +547,7 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
     info = info if info is not None else getattr(ee_loader, "info", None)
     logger = _as_logger(traffic_logger)
     if monitor is None:
-        from .monitor import MonitorConfig, TrafficMonitor
+        from selfxit.serve.monitor import MonitorConfig, TrafficMonitor
         monitor = TrafficMonitor(MonitorConfig(config.log, config.log_fraction, config.shadow_fraction))
     bundle = Path(config.bundle) if config.bundle else None
     metrics = _Metrics()
@@ -558,7 +558,7 @@ def create_app(ee_loader: Callable[[], Any] | None = None, config: ServeConfig |
     }
     transform = None
     if info is not None:
-        from .data import image_transform
+        from selfxit.zoo.data import image_transform
         transform = image_transform(info)
     reload_lock = asyncio.Lock()
 
@@ -935,9 +935,9 @@ def serve(args) -> None:
 if __name__ == "__main__":
     import sys
 
-    from .cli import _quiet_libraries
+    from selfxit.cli import _quiet_libraries
     _quiet_libraries()
-    parser = argparse.ArgumentParser(prog="python -m selfxit.serve")
+    parser = argparse.ArgumentParser(prog="python -m selfxit.serve.app")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))
     argv = sys.argv[1:]
     parsed = parser.parse_args(argv if argv[:1] == ["serve"] else ["serve", *argv])

@@ -12,8 +12,8 @@ import torch
 import torchvision
 from torch import nn
 
-from .cifar_resnet import DEPTHS, cifar_resnet
-from .settings import cache_dir, shared_dir
+from selfxit.zoo.cifar_resnet import DEPTHS, cifar_resnet
+from selfxit.settings import cache_dir, shared_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .flops import cumulative_flops, unknown_module_error
+from selfxit.core.flops import cumulative_flops, unknown_module_error
 
 # Modules that leave a tensor unchanged at inference; an exit after one would duplicate its input's exit.
 _NO_OP_TYPES = (
@@ -32,7 +32,7 @@ class Candidate:
     Attributes:
         name: qualified module name, hookable via ``dict(model.named_modules())[name]``.
         shape: activation shape for one sample, without the batch dimension.
-        remaining_flops: backbone FLOPs after this layer, per sample (see ``selfxit.flops``).
+        remaining_flops: backbone FLOPs after this layer, per sample (see ``selfxit.core.flops``).
     """
 
     name: str

@@ -7,7 +7,7 @@ A spec is a plain dict, so bundles and search results can store it and rebuild t
 - ``{"kind": "conv_linear", "convs": [{"out": 32, "kernel": 3, "stride": 2}], "pool": 1,
   "hidden": [128]}``: conv-BN-ReLU layers, pooling, then an MLP (the SelfXit search space).
 - ``{"kind": "searched", "space": {...}, "choices": {...}}``: a head found by ``selfxit search``, rebuilt
-  by NNI's freeze of :class:`selfxit.search_space.HeadSpace` (see that module).
+  by NNI's freeze of :class:`selfxit.search.space.HeadSpace` (see that module).
 
 Heads end in ``num_classes`` logits. Parameter-free leading modules (pooling) form the head's
 ``stem`` so that training can apply them once instead of every epoch.
@@ -59,7 +59,7 @@ def build_head(spec: dict, in_shape: tuple[int, ...], num_classes: int) -> nn.Se
     """Build a head for activations of per-sample shape ``in_shape`` (C,H,W), (tokens, dim) or (dim,)."""
     spec = _check_spec(copy.deepcopy(spec))
     if spec["kind"] == "searched":
-        from .search_space import build_searched_head  # imports NNI, so only when needed
+        from selfxit.search.space import build_searched_head  # imports NNI, so only when needed
         return build_searched_head(spec, tuple(in_shape), num_classes)
     hidden = list(spec.get("hidden", []))
     if len(in_shape) == 1:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shift import SHIFTS, apply_shift, check_shift
+from selfxit.ops.shift import SHIFTS, apply_shift, check_shift
 
 
 def shift_seed(seed: int, index: int) -> int:
@@ -35,9 +35,9 @@ def run_collect(args) -> dict:
     import torch
     from tqdm import tqdm
 
-    from .data import CorruptImageError, ImageFolderData
-    from .traffic import TrafficLog, TrafficLogError, TrafficRecord, record_input
-    from .zoo import load_backbone
+    from selfxit.zoo.data import CorruptImageError, ImageFolderData
+    from selfxit.ops.traffic import TrafficLog, TrafficLogError, TrafficRecord, record_input
+    from selfxit.zoo import load_backbone
 
     if not 0 < args.fraction <= 1:
         raise ValueError(f"--fraction must be in (0, 1]; got {args.fraction}")

@@ -6,7 +6,7 @@ log-odds of the max probability) and, optionally, of the previous exit in the ca
 of our top-1, and how far that is below its own max: 0 when the two exits agree), and outputs the
 probability of exiting there. A sample leaves at the first exit whose gate output reaches that exit's threshold,
 exactly like a max-softmax threshold, so the optimizer and the finite-sample certification of
-:mod:`selfxit.optimize` are reused unchanged with gate outputs in place of confidences.
+:mod:`selfxit.fit.select` are reused unchanged with gate outputs in place of confidences.
 
 Targets (label-free): a sample's target exit is, among the exits whose top-1 agrees with the backbone
 (and the backbone itself), the one minimising ``cross_entropy + lam * cost`` (cross-entropy of the
@@ -33,11 +33,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import optimize
-from .calibrate import fit_temperature
-from .distill import head_logits, stem_features
-from .heads import split_stem
-from .medial import MedialDataset
+from selfxit.fit import select as optimize
+from selfxit.fit.calibrate import fit_temperature
+from selfxit.fit.distill import head_logits, stem_features
+from selfxit.core.heads import split_stem
+from selfxit.fit.medial import MedialDataset
 
 GATES = ("confidence", "learned")
 BASE_FEATURES = ("max_prob", "entropy", "entropy_t2", "margin", "log_odds")
@@ -256,7 +256,7 @@ def train_chain(log_probs: torch.Tensor, backbone_top1: torch.Tensor, costs: np.
 
 def design_shape(design: optimize.ExitStats, tolerance: float, max_exits: int | None,
                  design_factor: float = 1.5) -> np.ndarray:
-    """The cascade shape :func:`selfxit.optimize.certified_cascade` designs on ``design`` (same steps)."""
+    """The cascade shape :func:`selfxit.fit.select.certified_cascade` designs on ``design`` (same steps)."""
     off = np.full(design.num_exits, optimize.OFF)
     if design.num_exits == 0:
         return off
@@ -295,7 +295,7 @@ def fit_gates(log_probs: torch.Tensor, backbone_top1: torch.Tensor, head_flops, 
 
     ``log_probs`` [K, N, C]: calibrated log-probabilities of every kept exit on the design samples.
     Starting from all K exits, gates are trained for the chain, the cascade is designed on the same
-    samples (as :func:`selfxit.optimize.certified_cascade` does), and the chain shrinks to the exits
+    samples (as :func:`selfxit.fit.select.certified_cascade` does), and the chain shrinks to the exits
     the design keeps, until it stops changing. Certification is left to the caller, on other samples.
     """
     config = config or GateConfig()

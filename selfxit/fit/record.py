@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import split_indices
-from .medial import SPLITS, MedialDataset, MedialWriter
+from selfxit.zoo.data import split_indices
+from selfxit.fit.medial import SPLITS, MedialDataset, MedialWriter
 
 TUNE_FRACTION = 0.2  # share of the train split held out from head training for calibration and threshold design
 

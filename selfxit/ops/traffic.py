@@ -861,7 +861,7 @@ def _write_local_atomic(path: str, data: bytes) -> None:
 # ---- records back to model inputs ------------------------------------------------------------------------
 @functools.lru_cache(maxsize=8)
 def _transform(info):
-    from .data import image_transform
+    from selfxit.zoo.data import image_transform
     return image_transform(info)
 
 
@@ -870,7 +870,7 @@ def record_input(record: TrafficRecord, info) -> torch.Tensor:
     preprocessed exactly as ``ImageFolderData`` does for ``info`` (a ``selfxit.zoo.ModelInfo``)."""
     from PIL import Image
 
-    from .data import CorruptImageError
+    from selfxit.zoo.data import CorruptImageError
 
     if record.input is not None:
         if tuple(record.input.shape) != tuple(info.input_size):

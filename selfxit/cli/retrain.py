@@ -7,9 +7,9 @@ from pathlib import Path
 
 
 def run_retrain(args) -> None:
-    from .retrain import RetrainConfig, parse_duration, retrain, summary
-    from .versions import BundleStore
-    from .zoo import load_backbone
+    from selfxit.ops.retrain import RetrainConfig, parse_duration, retrain, summary
+    from selfxit.ops.versions import BundleStore
+    from selfxit.zoo import load_backbone
     config = RetrainConfig(since=parse_duration(args.since) if args.since != "all" else None,
                            holdout_fraction=args.holdout, tolerance=args.tolerance, min_records=args.min_records,
                            seed=args.seed, epochs=args.epochs, keep=args.keep)
@@ -20,7 +20,7 @@ def run_retrain(args) -> None:
     result = retrain(args.log, store, model, info, config, current_bundle=args.bundle, progress=not args.json)
     out = result.to_dict()
     if args.keep_log or args.max_log_bytes:  # retention, after the window has been used
-        from .traffic import TrafficLog
+        from selfxit.ops.traffic import TrafficLog
         out["log_records_pruned"] = TrafficLog(args.log).prune(
             max_age_s=parse_duration(args.keep_log) if args.keep_log else None, max_bytes=args.max_log_bytes)
     print(json.dumps(out, indent=1) if args.json else summary(result))
@@ -31,7 +31,7 @@ def run_retrain(args) -> None:
 
 
 def run_rollback(args) -> None:
-    from .versions import BundleStore
+    from selfxit.ops.versions import BundleStore
     store = BundleStore(args.out)
     before = store.current()
     now = store.rollback(reason=args.reason)
@@ -39,7 +39,7 @@ def run_rollback(args) -> None:
 
 
 def run_versions(args) -> None:
-    from .versions import BundleStore
+    from selfxit.ops.versions import BundleStore
     store = BundleStore(args.out)
     versions = store.versions()
     if args.json:

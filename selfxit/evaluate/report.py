@@ -2,7 +2,7 @@
 
 :func:`build_report` runs a bundle's early-exit model and its plain backbone over a held-back split and
 writes ``index.html`` (static, offline: no scripts, images by relative path), PNG figures and the same
-numbers in ``report.json``. The headline numbers are computed exactly as :func:`selfxit.evaluate.evaluate`
+numbers in ``report.json``. The headline numbers are computed exactly as :func:`selfxit.evaluate.evaluation.evaluate`
 computes them (same batches, same early-exit calls), so the two agree to the last bit.
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
-from . import optimize
-from .evaluate import cost_per_exit
-from .runtime import FINAL, EarlyExitRunner, Exit
+from selfxit.fit import select as optimize
+from selfxit.evaluate.evaluation import cost_per_exit
+from selfxit.core.runtime import FINAL, EarlyExitRunner, Exit
 
 BATCH_SIZES = (1, 8, 32, 64, 128)
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
@@ -118,7 +118,7 @@ def _mean(values: np.ndarray) -> float:
 
 
 def _summary(ee, data: dict) -> dict:
-    """Overall numbers, computed the way :func:`selfxit.evaluate.evaluate` computes them."""
+    """Overall numbers, computed the way :func:`selfxit.evaluate.evaluation.evaluate` computes them."""
     names = list(ee.thresholds) + ["final"]
     position, labels = data["position"], data["labels"]
     agree = data["prediction"] == data["reference"]
@@ -442,7 +442,7 @@ def budget_table(curve: list[dict], summary: dict, budgets=BUDGETS) -> list[dict
 # ---- 6. calibration -----------------------------------------------------------------------------------
 
 def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> dict:
-    """Equal-width confidence bins (as :func:`selfxit.calibrate.expected_calibration_error`): ECE and per-bin stats."""
+    """Equal-width confidence bins (as :func:`selfxit.fit.calibrate.expected_calibration_error`): ECE and per-bin stats."""
     edges = torch.linspace(0, 1, bins + 1).numpy()
     confidence = confidence.astype(np.float32)
     counts, mean_conf, mean_correct, ece = [], [], [], 0.0
@@ -741,7 +741,7 @@ def build_report(ee, dataset, rows, out_dir, latency_samples: int = 256, batch_s
     """Measure ``ee`` on ``dataset`` rows ``rows`` (None: all) and write ``index.html``, PNGs and ``report.json``.
 
     ``dataset`` yields ``x`` or ``(x, label, ...)``; labels < 0 mean unlabelled. Batches of ``batch_size`` in
-    order, as :func:`selfxit.evaluate.evaluate` gets them from the CLI. ``latency_samples`` bounds the samples
+    order, as :func:`selfxit.evaluate.evaluation.evaluate` gets them from the CLI. ``latency_samples`` bounds the samples
     timed per batch size (at least one batch each). Returns the report dict written to ``report.json``.
     """
     if latency_samples < 1:

@@ -7,9 +7,9 @@ and ``search_spaces/linear.yaml`` are shipped; every key is checked before any t
 The space is an NNI 3.0 :class:`~nni.nas.nn.pytorch.ModelSpace` (:class:`HeadSpace`): every choice of
 the config is a labelled ``nni.choice`` registered with ``add_mutable`` (plus, optionally, a
 :class:`FlopsBudget` constraint on the head's FLOPs), and NNI's ``freeze(choices)`` rebuilds the
-concrete head (an ``nn.Sequential`` made by :func:`selfxit.heads.build_head`). A searched head is
+concrete head (an ``nn.Sequential`` made by :func:`selfxit.core.heads.build_head`). A searched head is
 stored as the plain spec ``{"kind": "searched", "space": {...}, "choices": {label: value}}``, which
-:func:`selfxit.heads.build_head` rebuilds through that freeze, so bundles round-trip it.
+:func:`selfxit.core.heads.build_head` rebuilds through that freeze, so bundles round-trip it.
 
 Choice labels: ``conv_layers``; ``conv<i>_channels``, ``conv<i>_kernel``, ``conv<i>_stride`` for each
 conv position i; ``pool``; ``linear_layers`` (linear layers including the final one to the classes);
@@ -38,8 +38,8 @@ with warnings.catch_warnings():  # NNI 3.0 warns about newer torch.nn classes it
     from nni.nas.nn.pytorch import ModelSpace
     from nni.nas.space import model_context
 
-from .flops import count_flops
-from .heads import build_head
+from selfxit.core.flops import count_flops
+from selfxit.core.heads import build_head
 
 STRATEGIES = {"random": "Random", "grid": "GridSearch", "evolution": "RegularizedEvolution", "tpe": "TPE"}
 VALIDATION_SPLITS = ("tune", "val")
@@ -103,7 +103,7 @@ class SpaceConfig:
         return out
 
     def spec(self, choices: dict[str, Any], in_shape: tuple[int, ...]) -> dict:
-        """The concrete ``conv_linear`` head spec (see :mod:`selfxit.heads`) for one sample of choices."""
+        """The concrete ``conv_linear`` head spec (see :mod:`selfxit.core.heads`) for one sample of choices."""
         convs = []
         if len(in_shape) == 3:
             height, width = in_shape[1], in_shape[2]
@@ -150,7 +150,7 @@ class TrainingConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """score = agreement - flops_weight * head_flops / remaining_flops (see :mod:`selfxit.search`)."""
+    """score = agreement - flops_weight * head_flops / remaining_flops (see :mod:`selfxit.search.run`)."""
 
     flops_weight: float = 1.0
     max_head_flops: float | None = 0.05  # heads over this fraction of the layer's remaining FLOPs are not trained

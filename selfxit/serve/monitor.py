@@ -7,7 +7,7 @@ and live agreement (overall and per exit) is counted on those. Items answered by
 itself agree by definition and need no extra run. Exit hit rates are counted on every item.
 
 A fraction of the items (``log_fraction``; shadow items are always logged when a log is set) is
-appended to a :class:`~selfxit.traffic.TrafficLog` with the input (the encoded image bytes when
+appended to a :class:`~selfxit.ops.traffic.TrafficLog` with the input (the encoded image bytes when
 that is what arrived, else the tensor), the backbone's softmax when it is known (answered by the
 backbone, or shadow-run), the exit, the prediction and the bundle version. A log that fails (disk
 full, permissions) is switched off with the reason kept for ``/healthz``: serving goes on.
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .runtime import FINAL, EarlyExitOutput
-from .traffic import TrafficLog, TrafficRecord
+from selfxit.core.runtime import FINAL, EarlyExitOutput
+from selfxit.ops.traffic import TrafficLog, TrafficRecord
 
-log = logging.getLogger("selfxit.monitor")
+log = logging.getLogger("selfxit.serve.monitor")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """NAS of exit heads with NNI 3.0: one experiment per candidate layer, resumable, with a trial history.
 
-Each candidate layer gets its own NNI experiment over :class:`selfxit.search_space.HeadSpace`, run by
+Each candidate layer gets its own NNI experiment over :class:`selfxit.search.space.HeadSpace`, run by
 the in-process ``sequential`` engine unless the config passes an NNI ``training_service`` section.
 A trial (:func:`evaluate_head`) trains the sampled head by KL to the backbone's softmax on a seeded
 subsample of the medial dataset's *train* rows (``training.max_rows``, ``training.epochs``), measures
@@ -17,7 +17,7 @@ of exit rate at a fixed tolerance, a head is worth its extra FLOPs exactly when
 prefers cheaper heads. Heads costing more than ``max_head_flops`` of the remaining FLOPs are never
 trained: such a head can hardly pay for itself, and leaving them out bounds the trial time. With the
 ``random`` and ``evolution`` strategies the budget is an NNI constraint on the space
-(:class:`selfxit.search_space.FlopsBudget`), so NNI only proposes heads within it; ``grid`` (it would
+(:class:`selfxit.search.space.FlopsBudget`), so NNI only proposes heads within it; ``grid`` (it would
 count every point of the space first) and ``tpe`` (NNI's tuner format has no constraints) propose any
 head, and one over the budget is reported without training (status ``over_budget``, score -1).
 A layer whose best agreement stays below the majority-class rate plus ``drop_margin`` (near chance)
@@ -57,11 +57,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .distill import DistillConfig, distill_head, head_logits
-from .flops import count_flops
-from .heads import build_head
-from .medial import MedialDataset
-from .search_space import SearchConfig, SpaceConfig, build_strategy, load_config, searched_spec
+from selfxit.fit.distill import DistillConfig, distill_head, head_logits
+from selfxit.core.flops import count_flops
+from selfxit.core.heads import build_head
+from selfxit.fit.medial import MedialDataset
+from selfxit.search.space import SearchConfig, SpaceConfig, build_strategy, load_config, searched_spec
 
 FORMAT_VERSION = 1
 OBJECTIVE = "score = agreement - flops_weight * head_flops / remaining_flops"
@@ -317,7 +317,7 @@ def _cheapest_flops(config: SearchConfig, candidate, num_classes: int) -> int:
 def _search_layer(index: int, candidate, medial: MedialDataset, num_classes: int, config: SearchConfig,
                   out: Path, budget: int, majority: float, progress: bool) -> LayerResult:
     from nni.nas.evaluator import FunctionalEvaluator
-    from .search_space import HeadSpace
+    from selfxit.search.space import HeadSpace
     layer_dir = out / "layers" / _slug(candidate.name)
     result_file = layer_dir / "result.json"
     if result_file.exists():
@@ -413,7 +413,7 @@ def run_search(medial: MedialDataset, candidates: list, num_classes: int, config
                trials: int | None = None, progress: bool = True) -> SearchResult:
     """Search a head per candidate layer on ``medial`` (see the module docs); resumes what ``out_dir`` holds.
 
-    ``candidates``: :class:`selfxit.candidates.Candidate` s (name, shape, remaining FLOPs). ``config``: a
+    ``candidates``: :class:`selfxit.core.candidates.Candidate` s (name, shape, remaining FLOPs). ``config``: a
     path to a YAML/JSON config, a dict or a :class:`SearchConfig`. ``trials`` overrides
     ``trials_per_layer``.
     """

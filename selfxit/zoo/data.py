@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from .settings import cache_dir, shared_dir
-from .zoo import ModelInfo
+from selfxit.settings import cache_dir, shared_dir
+from selfxit.zoo import ModelInfo
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CIFAR10_ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"

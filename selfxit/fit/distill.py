@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .heads import split_stem
-from .medial import MedialDataset
+from selfxit.core.heads import split_stem
+from selfxit.fit.medial import MedialDataset
 
 
 @dataclass

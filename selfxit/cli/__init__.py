@@ -24,12 +24,12 @@ def _quiet_libraries() -> None:
 
 
 def _backbone(args):
-    from .zoo import load_backbone
+    from selfxit.zoo import load_backbone
     return load_backbone(args.model, args.weights)
 
 
 def _traffic(args, info, max_samples=None, seed=0):
-    from .data import ImageFolderData, default_traffic_dir
+    from selfxit.zoo.data import ImageFolderData, default_traffic_dir
     root = Path(args.data) if args.data else default_traffic_dir()
     return ImageFolderData(root, info, max_samples=max_samples, seed=seed)
 
@@ -50,7 +50,7 @@ def enable(args) -> "EarlyExitModel":  # noqa: F821
     ee = selfxit.wrap(model, torch.zeros(1, *info.input_size), max_candidates=args.max_candidates)
     heads = None
     if getattr(args, "search", None):  # searched heads; layers the search dropped are not recorded
-        from .search import apply_search
+        from selfxit.search.run import apply_search
         heads = apply_search(ee, args.search)
     medial_dir = Path(args.medial_dir) if args.medial_dir else Path(tempfile.mkdtemp(prefix="selfxit-medial-"))
     try:
@@ -72,7 +72,7 @@ def search(args) -> None:
     """collect the medial dataset on --data, then search a head per candidate layer into --out (resumable)."""
     import torch
     import selfxit
-    from .search_space import load_config
+    from selfxit.search.space import load_config
     config = load_config(args.config)  # a bad config fails before anything is recorded
     if args.trials is not None and args.trials < 1:
         raise SystemExit(f"error: --trials must be a positive integer; got {args.trials}")
@@ -102,7 +102,7 @@ def search(args) -> None:
 
 def _split_subset(dataset, split: str, seed: int):
     import torch
-    from .data import split_indices
+    from selfxit.zoo.data import split_indices
     if split == "all":
         return dataset
     return torch.utils.data.Subset(dataset, split_indices(len(dataset), seed)[split].tolist())
@@ -125,7 +125,7 @@ def load_for_evaluation(args):
 
 
 def evaluate_bundle(args):
-    from .evaluate import evaluate
+    from selfxit.evaluate.evaluation import evaluate
     ee, dataset, seed, _ = load_for_evaluation(args)
     return ee, evaluate(ee, _loader(_split_subset(dataset, args.split, seed), 64))
 
@@ -171,7 +171,7 @@ def demo(args) -> None:
 
 def candidates(args) -> None:
     import torch
-    from .candidates import find_candidates
+    from selfxit.core.candidates import find_candidates
     model, info = _backbone(args)
     size = tuple(int(v) for v in args.input_size.split(",")) if args.input_size else info.input_size
     found = find_candidates(model, torch.zeros(1, *size), max_candidates=args.max_candidates)
@@ -252,13 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit_args(p)
     p.set_defaults(func=demo)
 
-    from .report_cli import add_report_parser
-    from .serve import add_serve_parser
+    from selfxit.cli.report import add_report_parser
+    from selfxit.serve.app import add_serve_parser
     add_report_parser(sub)
     add_serve_parser(sub)
-    from .traffic_cli import add_collect_parser
+    from selfxit.cli.collect import add_collect_parser
     add_collect_parser(sub)
-    from .retrain_cli import add_retrain_parsers
+    from selfxit.cli.retrain import add_retrain_parsers
     add_retrain_parsers(sub)
     return parser
 

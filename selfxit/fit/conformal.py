@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .runtime import FINAL
+from selfxit.core.runtime import FINAL
 
 ALPHAS = (0.01, 0.05, 0.1)
 
@@ -131,7 +131,7 @@ def calibrate_cascade(layers: list[str], active: list[int], log_probs: torch.Ten
 
     ``log_probs`` [K, N, C]: calibrated log-probabilities of the exits ``layers``; ``active``: indices of the
     cascade's exits; ``taken`` [N]: each sample's exit index (-1: the backbone), as from
-    :func:`selfxit.optimize.exit_assignment`.
+    :func:`selfxit.fit.select.exit_assignment`.
     """
     taken = np.asarray(taken)
     top1 = np.asarray(backbone_top1)

@@ -28,7 +28,7 @@ class Exit:
     """One active exit: a head on a backbone layer, its temperature and its threshold.
 
     Without a gate the threshold applies to the calibrated max-softmax; with a gate (see
-    :mod:`selfxit.gates`) it applies to ``gate(scaled logits, previous exit's probabilities)``.
+    :mod:`selfxit.fit.gates`) it applies to ``gate(scaled logits, previous exit's probabilities)``.
     """
 
     layer: str
