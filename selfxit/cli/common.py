@@ -1,0 +1,34 @@
+"""What several commands share: the model arguments, loading the backbone, quieting libraries.
+
+Nothing heavy is imported at module level: ``selfxit --help`` must answer without importing torch.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import warnings
+from pathlib import Path
+
+DEFAULT_MODEL = "cifar_resnet56"
+
+
+def quiet_libraries() -> None:
+    """Keep NNI and DeepSpeed from importing frameworks we do not use, and from chattering."""
+    os.environ.setdefault("NNI_FRAMEWORK", "none")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", module="deepspeed")
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """--model and --weights, declared once for every command that loads a backbone."""
+    p.add_argument("--model", required=required, default=DEFAULT_MODEL,
+                   help="cifar_resnet20/32/44/56/110 or a torchvision classifier name")
+    p.add_argument("--weights", type=Path, help="checkpoint file (state dict) for the model")
+
+
+def load_backbone(args):
+    """(model, ModelInfo) for ``--model`` / ``--weights``."""
+    from selfxit.zoo import load_backbone as _load
+    return _load(args.model, args.weights)
