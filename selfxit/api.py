@@ -17,6 +17,7 @@ from selfxit.fit import select as optimize
 from selfxit.core.bundle import BundleError, backbone_fingerprint, load_bundle, save_bundle
 from selfxit.fit.calibrate import expected_calibration_error, fit_temperature
 from selfxit.core.candidates import Candidate, find_candidates
+from selfxit.core.provenance import Provenance
 from selfxit.fit.distill import DistillConfig, distill_head, head_logits
 from selfxit.core.flops import count_flops
 from selfxit.fit.gates import GATES, GateConfig, build_gate
@@ -97,7 +98,7 @@ class EarlyExitModel:
         self.conformal: conformal.ConformalCalibration | None = None
         self.tolerance: float | None = None
         self.report: FitReport | None = None
-        self.meta: dict = {}  # free-form provenance saved in the manifest (model name, data split...)
+        self.provenance = Provenance()  # how the bundle was built (model name, data split...), saved with it
         self._runner: EarlyExitRunner | None = None
 
     # ---- recording -----------------------------------------------------------------------------
@@ -340,7 +341,7 @@ class EarlyExitModel:
             "conformal": self.conformal.to_dict() if self.conformal else None,
             "tolerance": self.tolerance,
             "report": asdict(self.report) if self.report else None,
-            "meta": self.meta,
+            "provenance": self.provenance.to_dict(),
         }
         weights = {name: head.state_dict() for name, head in self.heads.items()}
         weights.update({f"gate:{name}": g.state_dict() for name, g in self.gates.items()})
@@ -430,5 +431,6 @@ def load(path: str | Path, model: nn.Module) -> EarlyExitModel:
     if manifest.get("conformal"):
         ee.conformal = conformal.ConformalCalibration.from_dict(manifest["conformal"])
     ee.thresholds = {e["layer"]: float(e["threshold"]) for e in manifest["exits"]}
-    ee.tolerance, ee.meta = manifest.get("tolerance"), manifest.get("meta", {})
+    ee.tolerance = manifest.get("tolerance")
+    ee.provenance = Provenance.from_dict(manifest.get("provenance", manifest.get("meta")))
     return ee

@@ -31,7 +31,7 @@ def test_enable_then_evaluate_json(shared, tmp_path):
     run("enable", "--model", "cifar_resnet20", "--data", data, "--tolerance", "0.05", "--out", str(bundle),
         "--max-samples", "300", "--seed", "3", "--augment", "1", "--max-candidates", "3")
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["meta"]["seed"] == 3 and manifest["meta"]["max_samples"] == 300
+    assert manifest["provenance"]["seed"] == 3 and manifest["provenance"]["max_samples"] == 300
     out = json.loads(run("evaluate", "--bundle", str(bundle), "--model", "cifar_resnet20", "--data", data,
                          "--split", "test", "--json").stdout)
     for key in ("flops_fraction", "agreement", "accuracy_backbone", "accuracy_early_exit", "exit_rates",

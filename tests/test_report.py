@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import selfxit
+from selfxit.core.provenance import Provenance
 from selfxit.evaluate import report as report_mod
 from selfxit.fit.calibrate import expected_calibration_error
 from selfxit.zoo.data import ImageFolderData, split_indices
@@ -46,7 +47,7 @@ def _build(shared, tmp_path_factory):
     ee.collect(torch.utils.data.DataLoader(dataset, batch_size=100), root / "medial", seed=SEED, augment_copies=1,
                progress=False)
     ee.fit(0.05, distill=DistillConfig(epochs=3), method="joint", progress=False)
-    ee.meta = {"model": "cifar_resnet20", "seed": SEED, "max_samples": SAMPLES, "num_samples": len(dataset)}
+    ee.provenance = Provenance(model="cifar_resnet20", seed=SEED, max_samples=SAMPLES, num_samples=len(dataset))
     bundle = ee.save(root / "bundle")
 
     parser = argparse.ArgumentParser(prog="selfxit")

@@ -77,7 +77,7 @@ def test_retrain_publishes_a_better_bundle_and_a_second_run_on_the_same_window_d
     assert result.candidate.flops_fraction < 1.0 and 1 - result.candidate.agreement <= 0.2
     assert result.version == "v000002" and store.current() == "v000002"  # v000001: the imported current bundle
     published = selfxit.load(store.current_path, setup["model"])
-    assert published.meta["retrain"]["window_digest"] == result.window_digest
+    assert published.provenance.retrain.window_digest == result.window_digest
     again = retrain(setup["log"], store, setup["model"], setup["info"], config, progress=False)
     assert not again.published and "already retrained" in again.reason
     assert [v.name for v in store.versions()] == ["v000001", "v000002"]

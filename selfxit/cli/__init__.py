@@ -43,6 +43,7 @@ def enable(args) -> "EarlyExitModel":  # noqa: F821
     """collect + fit on the images in --data, write the bundle to --out."""
     import torch
     import selfxit
+    from selfxit.core.provenance import Provenance
     if not 0 < args.tolerance < 1:
         raise SystemExit(f"error: --tolerance must be in (0, 1), e.g. 0.01; got {args.tolerance}")
     model, info = _backbone(args)
@@ -60,10 +61,11 @@ def enable(args) -> "EarlyExitModel":  # noqa: F821
     finally:
         if not args.medial_dir:
             shutil.rmtree(medial_dir, ignore_errors=True)
-    ee.meta = {"model": args.model, "weights": str(args.weights) if args.weights else None,
-               "data": str(dataset.root), "seed": args.seed, "max_samples": args.max_samples,
-               "num_samples": len(dataset), "search": str(args.search) if getattr(args, "search", None) else None,
-               "gate": getattr(args, "gate", "confidence")}
+    ee.provenance = Provenance(model=args.model, weights=str(args.weights) if args.weights else None,
+                               data=str(dataset.root), seed=args.seed, max_samples=args.max_samples,
+                               num_samples=len(dataset),
+                               search=str(args.search) if getattr(args, "search", None) else None,
+                               gate=getattr(args, "gate", "confidence"))
     ee.save(args.out)
     return ee
 
@@ -114,12 +116,12 @@ def load_for_evaluation(args):
     import selfxit
     model, info = _backbone(args)
     ee = selfxit.load(args.bundle, model)
-    meta = ee.meta or {}
-    seed = args.seed if args.seed is not None else meta.get("seed", 0)
-    max_samples = args.max_samples if args.max_samples is not None else meta.get("max_samples")
+    made = ee.provenance
+    seed = args.seed if args.seed is not None else (made.seed or 0)
+    max_samples = args.max_samples if args.max_samples is not None else made.max_samples
     dataset = _traffic(args, info, max_samples, seed)
-    if args.split == "test" and meta.get("num_samples") not in (None, len(dataset)):
-        print(f"warning: the bundle was fit on {meta['num_samples']} samples, this folder gives {len(dataset)}: "
+    if args.split == "test" and made.num_samples not in (None, len(dataset)):
+        print(f"warning: the bundle was fit on {made.num_samples} samples, this folder gives {len(dataset)}: "
               "the test split is not the held-back part of the data enable used", file=sys.stderr)
     return ee, dataset, seed, max_samples
 

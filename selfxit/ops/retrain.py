@@ -27,12 +27,13 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from selfxit.api import EarlyExitModel, load, wrap
+from selfxit.core.provenance import RetrainProvenance
 from selfxit.fit.distill import DistillConfig
 from selfxit.evaluate.evaluation import evaluate
 from selfxit.ops.traffic import TrafficLog, record_input
@@ -165,7 +166,7 @@ def retrain(log: str | Path | TrafficLog, store: BundleStore, model: torch.nn.Mo
     if len(records) < config.min_records:
         result.reason = f"only {len(records)} records in the window (min_records {config.min_records}): nothing done"
         return result
-    if (current.meta or {}).get("retrain", {}).get("window_digest") == digest:
+    if current.provenance.retrain is not None and current.provenance.retrain.window_digest == digest:
         result.reason = "the current bundle was already retrained on exactly this window: nothing to do"
         return result
     inputs = torch.stack([record_input(r, info) for r in records])
@@ -201,12 +202,10 @@ def retrain(log: str | Path | TrafficLog, store: BundleStore, model: torch.nn.Mo
                                       "(too little traffic, or heads near chance)")
         result.reason = reason
         if publish:
-            candidate.meta = {**(current.meta or {}), "retrain": {
-                "window_digest": digest, "records": len(records), "holdout": len(holdout),
-                "parent": (current.meta or {}).get("version"),
-                "window": [records[0].timestamp, records[-1].timestamp],
-                "current_check": asdict(result.current), "candidate_check": asdict(result.candidate)}}
-            candidate.meta.pop("version", None)
+            candidate.provenance = replace(current.provenance, version=None, retrain=RetrainProvenance(
+                window_digest=digest, records=len(records), holdout=len(holdout), parent=current.provenance.version,
+                window=[records[0].timestamp, records[-1].timestamp],
+                current_check=asdict(result.current), candidate_check=asdict(result.candidate)))
             staged = candidate.save(work / "bundle")
             result.version = store.publish(staged, reason=reason)
             result.published = True

@@ -106,7 +106,8 @@ class BundleStore:
                 for f in bundle_dir.iterdir():
                     if f.is_file():
                         shutil.copy2(f, staging / f.name)
-                manifest.setdefault("meta", {})["version"] = name
+                section = "provenance" if "provenance" in manifest else "meta"  # format 1 bundles keep 'meta'
+                manifest.setdefault(section, {})["version"] = name
                 (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
                 for f in staging.iterdir():
                     with open(f, "rb") as fh:

@@ -269,7 +269,7 @@ class _Served:
     def __init__(self, ee, generation: int, path: Path | None, manifest_sha256: str | None):
         self.ee, self.generation = ee, generation
         self.exit_names = list(ee.thresholds)  # exit position -> layer name
-        self.version = (ee.meta or {}).get("version") or manifest_sha256  # recorded with logged traffic
+        self.version = ee.provenance.version or manifest_sha256  # recorded with logged traffic
         self.describe = {"path": str(path) if path else None, "generation": generation,
                          "exits": [{"layer": n, "threshold": t} for n, t in ee.thresholds.items()],
                          "tolerance": ee.tolerance, "manifest_sha256": manifest_sha256,
