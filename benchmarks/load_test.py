@@ -36,12 +36,12 @@ def free_port() -> int:
 
 
 class Server:
-    """``python -m selfxit.serve.app`` on 127.0.0.1, stopped on exit."""
+    """``python -m selfxit serve`` on 127.0.0.1, stopped on exit."""
 
     def __init__(self, args, plain: bool):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "selfxit.serve.app", "--bundle", str(args.bundle), "--model", args.model,
+        cmd = [sys.executable, "-m", "selfxit", "serve", "--bundle", str(args.bundle), "--model", args.model,
                "--host", "127.0.0.1", "--port", str(self.port), "--max-wait-ms", str(args.max_wait_ms),
                "--max-batch", str(max(64, args.images_per_request)), "--reload-poll-s", "0",
                "--threads", str(args.server_threads)]
@@ -82,7 +82,7 @@ class Server:
         rates = {}
         for line in text.splitlines():
             if line.startswith("selfxit_exit_items_total{"):
-                rates[line.split('"')[1]] = int(line.split()[-1])
+                rates[line.split('"')[1]] = int(float(line.split()[-1]))  # prometheus-client writes 12.0
         return rates
 
 

@@ -38,7 +38,7 @@ from selfxit.zoo.data import ImageFolderData, default_traffic_dir, split_indices
 from selfxit.evaluate.evaluation import evaluate  # noqa: E402
 from selfxit.fit.medial import MedialDataset  # noqa: E402
 from selfxit.search.run import apply_search, load_search  # noqa: E402
-from selfxit.search.space import load_config  # noqa: E402
+from selfxit.search.config import load_config  # noqa: E402
 from selfxit.settings import PROJECT_ROOT  # noqa: E402
 from selfxit.zoo import load_backbone  # noqa: E402
 

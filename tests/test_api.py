@@ -66,7 +66,7 @@ def test_save_load_round_trip(fitted, tmp_path):
     ee, model, _, images = fitted
     path = ee.save(tmp_path / "bundle")
     manifest = json.loads((path / "manifest.json").read_text())
-    for key in ("format_version", "backbone_fingerprint", "candidates", "heads", "exits", "tolerance", "created",
+    for key in ("format_version", "backbone_fingerprint", "candidates", "exits", "provenance", "tolerance", "created",
                 "backbone_flops"):
         assert key in manifest
     again = selfxit.load(path, model)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from selfxit.core import bundle
+from selfxit.core import atomic, bundle
 from selfxit.core.bundle import MANIFEST, WEIGHTS, BundleError, backbone_fingerprint, load_bundle, save_bundle
 
 
@@ -92,7 +92,7 @@ def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
 def test_failed_swap_keeps_previous_bundle(tmp_path, monkeypatch):
     path = tmp_path / "b"
     save_bundle(path, MANIFEST_A, _heads(0))
-    real_replace, calls = bundle.os.replace, []
+    real_replace, calls = atomic.os.replace, []
 
     def flaky_replace(src, dst):
         calls.append((src, dst))
@@ -100,7 +100,7 @@ def test_failed_swap_keeps_previous_bundle(tmp_path, monkeypatch):
             raise OSError("rename failed")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(bundle.os, "replace", flaky_replace)
+    monkeypatch.setattr(atomic.os, "replace", flaky_replace)
     with pytest.raises(OSError, match="rename failed"):
         save_bundle(path, {"tolerance": 0.5}, _heads(1))
     monkeypatch.undo()

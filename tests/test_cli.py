@@ -4,14 +4,12 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 ENV = {**os.environ, "NNI_FRAMEWORK": "none"}
 
 
 def run(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "selfxit", *args], capture_output=True, text=True, env=ENV,
-                          timeout=600)
+                          timeout=600, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"selfxit {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -28,8 +26,10 @@ def test_candidates_json(shared):
 def test_enable_then_evaluate_json(shared, tmp_path):
     bundle = tmp_path / "bundle"
     data = str(shared / "data" / "cifar10-test")
+    fit_file = tmp_path / "fit.yaml"  # the flag overrides the file's tolerance; max_exits comes from the file
+    fit_file.write_text("tolerance: 0.2\nmax_exits: 1\n")
     run("enable", "--model", "cifar_resnet20", "--data", data, "--tolerance", "0.05", "--out", str(bundle),
-        "--max-samples", "300", "--seed", "3", "--augment", "1", "--max-candidates", "3")
+        "--max-samples", "300", "--seed", "3", "--augment", "1", "--max-candidates", "3", "--config", str(fit_file))
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["provenance"]["seed"] == 3 and manifest["provenance"]["max_samples"] == 300
     out = json.loads(run("evaluate", "--bundle", str(bundle), "--model", "cifar_resnet20", "--data", data,
@@ -41,6 +41,7 @@ def test_enable_then_evaluate_json(shared, tmp_path):
     assert 0 < out["flops_fraction"] <= 1.05 and 0 <= out["agreement"] <= 1
     assert out["tolerance"] == 0.05 and 0.5 < out["accuracy_backbone"] <= 1
     assert abs(sum(out["exit_rates"].values()) - 1) < 1e-6
+    assert len(out["exit_rates"]) <= 2  # at most max_exits=1 exit, plus "final"
 
 
 def test_bad_inputs_get_clear_errors(shared, tmp_path):
@@ -71,3 +72,58 @@ def test_corrupt_image_is_named(shared, tmp_path):
                "--out", str(tmp_path / "b"), check=False)
     assert proc.returncode != 0 and "broken.jpg" in proc.stderr
     assert not (tmp_path / "b").exists()
+
+
+def _enable_args(*extra):
+    from selfxit.cli import build_parser
+    return build_parser().parse_args(["enable", "--model", "cifar_resnet20", "--data", "d", "--out", "o", *extra])
+
+
+def test_enable_config_file_with_explicit_flags_on_top(tmp_path):
+    from selfxit.cli.enable import fit_config_from_args
+    from selfxit.fit.config import FitConfig
+    assert fit_config_from_args(_enable_args()) == FitConfig()  # neither file nor flags: FitConfig's defaults
+    fit_file = tmp_path / "fit.yaml"
+    fit_file.write_text("tolerance: 0.03\ndelta: 0.2\nmax_exits: 2\ngate: learned\nmethod: certified\n")
+    from_file = fit_config_from_args(_enable_args("--config", str(fit_file)))
+    assert (from_file.tolerance, from_file.delta, from_file.max_exits, from_file.gate) == (0.03, 0.2, 2, "learned")
+    mixed = fit_config_from_args(_enable_args("--config", str(fit_file), "--tolerance", "0.01", "--gate", "confidence",
+                                              "--max-exits", "4"))
+    assert (mixed.tolerance, mixed.delta, mixed.max_exits, mixed.gate) == (0.01, 0.2, 4, "confidence")
+    flags_only = fit_config_from_args(_enable_args("--delta", "0.05"))
+    assert (flags_only.tolerance, flags_only.delta) == (FitConfig().tolerance, 0.05)
+
+
+def test_enable_bad_config_fails_before_loading_anything(tmp_path, capsys):
+    from selfxit.cli import main
+    bad = tmp_path / "fit.yaml"
+    bad.write_text("tolerance: 0.01\nmax_exit: 2\n")  # typo: max_exit
+    base = ["enable", "--model", "resnet_does_not_exist", "--data", str(tmp_path), "--out", str(tmp_path / "b")]
+    assert main([*base, "--config", str(bad)]) == 2
+    assert "max_exit" in capsys.readouterr().err
+    assert main([*base, "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_no_arguments_runs_demo(monkeypatch):
+    import selfxit.cli.demo
+    from selfxit.cli import main
+    seen = []
+    monkeypatch.setattr(selfxit.cli.demo, "run", seen.append)
+    assert main([]) == 0
+    assert [a.command for a in seen] == ["demo"] and seen[0].tolerance is None and seen[0].seed == 0
+
+
+def test_argument_errors_exit_2():
+    proc = run("enable", "--model", "cifar_resnet20", check=False)
+    assert proc.returncode == 2 and "required" in proc.stderr
+    proc = run("enable", "--model", "cifar_resnet20", "--data", "d", "--out", "o", "--gate", "oracle", check=False)
+    assert proc.returncode == 2 and "--gate" in proc.stderr
+
+
+def test_enable_gate_choices_match_the_library():
+    """cli/enable.py spells the gate names out (so --help imports no torch); they must stay the library's."""
+    from selfxit.cli.enable import GATES
+    from selfxit.fit.gates import GATES as LIBRARY_GATES
+    assert tuple(GATES) == tuple(LIBRARY_GATES)

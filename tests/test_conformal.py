@@ -104,12 +104,12 @@ def test_prediction_sets_need_a_calibration():
     from selfxit.api import EarlyExitModel
     from selfxit.core.candidates import Candidate
     from selfxit.zoo.cifar_resnet import cifar_resnet
+    from selfxit.core.exits import ExitRecord
     from selfxit.core.heads import DEFAULT_HEAD, build_head
     cand = Candidate("layer2", (32, 16, 16), 1)
     ee = EarlyExitModel(cifar_resnet("cifar_resnet20").eval(), (3, 32, 32), 10, [cand], backbone_flops=2)
-    ee.heads[cand.name] = build_head(DEFAULT_HEAD, cand.shape, 10)
-    ee.head_specs[cand.name], ee.temperatures[cand.name], ee.head_flops[cand.name] = DEFAULT_HEAD, 1.0, 1
-    ee.thresholds = {cand.name: 0.9}
+    ee.set_records([ExitRecord(cand.name, build_head(DEFAULT_HEAD, cand.shape, 10), 1.0, 0.9, spec=DEFAULT_HEAD,
+                               shape=cand.shape, head_flops=1)])
     x = torch.zeros(2, 3, 32, 32)
     with pytest.raises(ValueError, match="no conformal calibration in this model"):
         ee(x, prediction_sets=0.05)

@@ -288,7 +288,7 @@ def test_learned_gate_needs_certified_method(fitted):
 def test_cli_enable_takes_gate():
     base = ["enable", "--model", "cifar_resnet20", "--data", "d", "--out", "o"]
     assert build_parser().parse_args(base + ["--gate", "learned"]).gate == "learned"
-    assert build_parser().parse_args(base).gate == "confidence"
+    assert build_parser().parse_args(base).gate is None  # not given: the --config file's gate, else FitConfig's
     with pytest.raises(SystemExit):
         build_parser().parse_args(base + ["--gate", "oracle"])
 

@@ -12,14 +12,16 @@ import pytest
 import torch
 
 import selfxit
+from selfxit.cli.report import add_parser
+from selfxit.core.hooks import capture, split_batch
 from selfxit.core.provenance import Provenance
 from selfxit.evaluate import report as report_mod
-from selfxit.fit.calibrate import expected_calibration_error
-from selfxit.zoo.data import ImageFolderData, split_indices
-from selfxit.fit.distill import DistillConfig
 from selfxit.evaluate.evaluation import evaluate
-from selfxit.cli.report import add_report_parser
+from selfxit.fit.calibrate import expected_calibration_error
+from selfxit.fit.distill import DistillConfig
+from selfxit.fit.gates import chain_scores
 from selfxit.zoo import load_backbone
+from selfxit.zoo.data import ImageFolderData, split_indices
 
 SEED, SAMPLES = 2, 300
 
@@ -51,7 +53,7 @@ def _build(shared, tmp_path_factory):
     bundle = ee.save(root / "bundle")
 
     parser = argparse.ArgumentParser(prog="selfxit")
-    add_report_parser(parser.add_subparsers(dest="command"))
+    add_parser(parser.add_subparsers(dest="command"))
     out = root / "out"
     args = parser.parse_args(["report", "--bundle", str(bundle), "--model", "cifar_resnet20", "--data", str(data),
                               "--out", str(out), "--latency-samples", "16"])
@@ -109,7 +111,7 @@ def test_evaluate_with_known_backbone_answers(built):
         evaluate(ee, loader, latency=False, progress=False, reference=torch.cat([reference, reference[:1]]))
 
 
-
+def test_per_exit_curves_and_collaborative_table(built):
     result, ee = built["result"], built["ee"]
     assert list(result["per_exit"]) == [c.name for c in ee.candidates if c.name in ee.heads]  # every head
     for curve in result["per_exit"].values():
@@ -198,3 +200,94 @@ def test_latency_alternates_and_can_time_the_backbone_alone():
     assert [c[0] for c in calls[2:10]] == ["backbone", "early_exit", "early_exit", "backbone"] * 2  # after warm-up
     alone = report_mod.measure_latency(backbone, None, torch.zeros(5, 2), [2], 2, progress=False)
     assert "early_exit" not in alone[0] and alone[0]["backbone"]["ms_per_sample"] > 0
+
+
+# ---- learned gates: the report must describe the rule the runtime runs ---------------------------------------
+
+@pytest.fixture(scope="module")
+def gated(shared, tmp_path_factory):
+    """A learned-gate model on ResNet-20, its report on the test split, and evaluate() on the same rows."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, info = load_backbone("cifar_resnet20")
+        dataset = ImageFolderData(shared / "data" / "cifar10-test", info, max_samples=500, seed=SEED)
+        ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), max_candidates=3)
+        ee.collect(torch.utils.data.DataLoader(dataset, batch_size=125), tmp_path_factory.mktemp("gated-medial"),
+                   seed=SEED, augment_copies=1, progress=False)
+        ee.fit(0.1, distill=DistillConfig(epochs=3), gate="learned", max_exits=None, progress=False)
+        assert ee.gate == "learned" and ee.gates, "the fit kept no gated exit to report on"
+        if not ee.thresholds:  # nothing certified on so few samples: run the whole gated chain
+            ee.thresholds = {name: 0.5 for name in ee.gates}
+        rows = split_indices(len(dataset), SEED)["test"]
+        out = tmp_path_factory.mktemp("gated-report")
+        result = report_mod.build_report(ee, dataset, rows, out, latency_samples=1, batch_sizes=[1], progress=False)
+        subset = torch.utils.data.Subset(dataset, rows.tolist())
+        evaluation = evaluate(ee, torch.utils.data.DataLoader(subset, batch_size=64), latency=False, progress=False)
+        yield {"ee": ee, "result": result, "evaluation": evaluation, "subset": subset}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("which", ["built", "gated"])
+def test_operating_point_is_what_evaluate_measures(which, request):
+    """The trade-off curve's numbers at the bundle's own thresholds are the runtime's: same exits, same FLOPs."""
+    case = request.getfixturevalue(which)
+    point, ev = case["result"]["tradeoff"]["bundle"], case["evaluation"]
+    assert list(point["exit_rates"]) == list(ev.exit_rates)
+    assert all(_close(point["exit_rates"][n], ev.exit_rates[n]) for n in ev.exit_rates), (point, ev.exit_rates)
+    assert _close(point["flops_fraction"], ev.flops_fraction) and _close(point["agreement"], ev.agreement)
+    assert _close(point["accuracy"], ev.accuracy_early_exit)
+    if which == "gated":
+        assert ev.exit_rates["final"] < 1.0  # some samples do leave early: the check means something
+
+
+def test_learned_gate_curves_read_the_gate_scores(gated):
+    """Per-exit curves of gated exits are hit rates of the gate score (gate k reads gate k - 1's exit), and an
+    exit's cost includes its gate."""
+    ee, curves = gated["ee"], gated["result"]["per_exit"]
+    chain = list(ee.gates)
+    with torch.inference_mode():
+        scores = []
+        for x, *_ in torch.utils.data.DataLoader(gated["subset"], batch_size=64):
+            with capture(ee.backbone, chain) as acts:
+                ee.backbone(x)
+            log_probs = torch.stack([(ee.heads[n](acts[n]) / ee.temperatures[n]).log_softmax(1) for n in chain])
+            scores.append(chain_scores([ee.gates[n] for n in chain], log_probs))
+    scores = np.concatenate(scores, axis=1)
+    remaining = {c.name: c.remaining_flops for c in ee.candidates}
+    for k, name in enumerate(chain):
+        curve = curves[name]
+        assert curve["score"] == "gate"
+        expected = (scores[k][None] >= np.array(curve["thresholds"])[:, None]).mean(1)
+        assert np.abs(np.array(curve["hit_rate"]) - expected).max() <= 1.5 / scores.shape[1]  # a rounding flip at most
+        cost = ee.backbone_flops - remaining[name] + ee.head_flops[name] + ee.gates[name].flops()
+        assert curve["flops_fraction_at_exit"] == pytest.approx(cost / ee.backbone_flops, rel=1e-12)
+    assert all(c["score"] == "confidence" for n, c in curves.items() if n not in ee.gates)
+    assert "gate" in gated["result"]["tradeoff"]["family"]
+
+
+# ---- shared pieces: hooks and batches -------------------------------------------------------------------------
+
+def test_capture_removes_its_hooks_even_on_error():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with capture(model, ["0", "2"]) as acts:
+        out = model(torch.ones(5, 3))
+    assert acts["0"].shape == (5, 4) and torch.equal(acts["2"], out)
+    with pytest.raises(RuntimeError, match="boom"), capture(model, ["1"]):
+        raise RuntimeError("boom")
+    assert not any(m._forward_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="not modules"), capture(model, ["nope"]):
+        pass
+
+
+def test_split_batch():
+    x, y = torch.zeros(2, 3), torch.tensor([1, 2])
+    for batch in (x, [x]):
+        inputs, labels = split_batch(batch)
+        assert inputs is x and labels is None
+    inputs, labels = split_batch((x, y, "path"))
+    assert inputs is x and labels is y
+    assert split_batch([x, ["a", "b"]])[1] is None  # a second field that is not a tensor is not labels
+    with pytest.raises(TypeError, match="a batch must be"):
+        split_batch({"x": x})

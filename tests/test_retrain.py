@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import selfxit
-from selfxit.zoo.data import ImageFolderData
+from selfxit.core.runtime import FINAL
 from selfxit.fit.distill import DistillConfig
 from selfxit.fit.medial import MedialDataset
 from selfxit.ops.retrain import BundleCheck, RetrainConfig, decide, parse_duration, retrain
-from selfxit.core.runtime import FINAL
 from selfxit.ops.traffic import TrafficLog, TrafficRecord
 from selfxit.ops.versions import BundleStore
 from selfxit.zoo import load_backbone
+from selfxit.zoo.data import ImageFolderData
 
 
 def test_parse_duration():

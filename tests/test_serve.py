@@ -19,6 +19,7 @@ from websockets.sync.client import connect
 import selfxit
 from selfxit.api import EarlyExitModel
 from selfxit.core.candidates import Candidate
+from selfxit.core.exits import ExitRecord
 from selfxit.zoo.data import image_transform
 from selfxit.fit.distill import DistillConfig
 from selfxit.core.heads import DEFAULT_HEAD, build_head
@@ -78,7 +79,7 @@ def _reference(ee, info, files):
 
 @pytest.fixture(scope="module")
 def server(built, tmp_path_factory):
-    """`python -m selfxit.serve.app` on a free loopback port, serving a copy of the bundle (killed at teardown)."""
+    """`python -m selfxit serve` on a free loopback port, serving a copy of the bundle (killed at teardown)."""
     serving = tmp_path_factory.mktemp("serving") / "bundle"
     shutil.copytree(built["path"], serving)
     yield from _serve(serving, tmp_path_factory.mktemp("log") / "server.log")
@@ -88,7 +89,7 @@ def _serve(serving, log_path, extra=(), preexec_fn=None):
     """Run the server on ``serving`` until the generator is closed; yields what the tests need."""
     port = _free_port()
     log = open(log_path, "w+")
-    cmd = [sys.executable, "-m", "selfxit.serve.app", "--bundle", str(serving), "--model", "cifar_resnet20",
+    cmd = [sys.executable, "-m", "selfxit", "serve", "--bundle", str(serving), "--model", "cifar_resnet20",
            "--host", "127.0.0.1", "--port", str(port), "--max-batch", str(MAX_BATCH), "--max-wait-ms", "20",
            "--max-body-bytes", str(MAX_BODY), "--timeout-s", "30", "--reload-poll-s", "0.2",
            "--log-level", "warning", "--threads", "1", *extra]  # one thread: on busy shared cores two can stall a batch
@@ -135,6 +136,85 @@ def test_health_and_metrics(server):
     for family in ("selfxit_requests_total", "selfxit_errors_total", "selfxit_exit_items_total",
                    "selfxit_item_latency_seconds", "selfxit_reloads_total"):
         assert f"# TYPE {family} " in metrics.text
+
+
+METRIC_FAMILIES = {  # name -> type, as exported before metrics went through prometheus-client
+    "selfxit_requests": "counter", "selfxit_errors": "counter", "selfxit_exit_items": "counter",
+    "selfxit_item_latency_seconds": "histogram", "selfxit_microbatches": "counter",
+    "selfxit_microbatch_requests": "counter", "selfxit_microbatch_items": "counter", "selfxit_reloads": "counter",
+    "selfxit_queue_items": "gauge", "selfxit_bundle_generation": "gauge", "selfxit_exit_hit_rate": "gauge",
+    "selfxit_exit_live_agreement": "gauge", "selfxit_traffic_logged_items": "gauge",
+    "selfxit_traffic_log_enabled": "gauge",
+}
+LIVE_FAMILIES = {"selfxit_live_agreement": "gauge", "selfxit_shadow_samples": "gauge"}  # once a shadow run happened
+
+
+def test_metrics_are_valid_prometheus_text_with_the_existing_names(server, built):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert _items(server["client"].post("/v1/predict", files=_multipart(built["files"][:4])))
+    # hit rates come from the monitor, which sees a batch after its answers went out
+    _wait_until(lambda: server["client"].get("/v1/monitor").json()["items"] >= 4, 30, "the monitor")
+    response = server["client"].get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    types = {name: f.type for name, f in families.items()}
+    assert set(types) - set(LIVE_FAMILIES) == set(METRIC_FAMILIES) and "_created" not in response.text
+    assert {name: types[name] for name in METRIC_FAMILIES} == METRIC_FAMILIES
+
+    def samples(family, suffix=""):
+        return {tuple(sorted(s.labels.items())): s.value for s in families[family].samples
+                if s.name == family + suffix}
+
+    assert samples("selfxit_requests", "_total")[(("endpoint", "predict"),)] >= 1
+    assert samples("selfxit_reloads", "_total").keys() == {(("result", "ok"),), (("result", "refused"),)}
+    exits = samples("selfxit_exit_items", "_total")
+    assert sum(exits.values()) == samples("selfxit_item_latency_seconds", "_count")[()] >= 4
+    assert {dict(k)["exit"] for k in exits} <= set(built["ee"].thresholds) | {"final"}
+    assert samples("selfxit_bundle_generation")[()] >= 1
+    assert sum(samples("selfxit_exit_hit_rate").values()) == pytest.approx(1)
+    assert samples("selfxit_microbatch_items", "_total")[()] >= samples("selfxit_microbatches", "_total")[()] >= 1
+
+
+def test_each_app_has_its_own_metrics_registry():
+    """Two apps in one process (tests, two bundles) count separately and never clash over names."""
+    from selfxit.serve.metrics import ServeMetrics
+
+    first, second = ServeMetrics(), ServeMetrics()
+    first.request("predict")
+    first.error("predict", 413)
+    first.add_gauges(lambda: {"selfxit_queue_items": ("Items waiting for the worker.", 3)})
+    assert 'selfxit_requests_total{endpoint="predict"} 1.0' in first.render().decode()
+    assert 'selfxit_errors_total{endpoint="predict",status="413"} 1.0' in first.render().decode()
+    assert "selfxit_queue_items 3.0" in first.render().decode()
+    text = second.render().decode()
+    assert "# TYPE selfxit_requests_total counter" in text and 'endpoint="predict"' not in text
+    assert "selfxit_queue_items" not in text
+
+
+def _png(width, height, fmt="PNG") -> bytes:
+    import io
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("data, max_pixels, status, words", [
+    (_png(8, 8, "GIF"), 10_000, 415, "unsupported image format GIF"),
+    (_png(200, 100), 10_000, 413, "200x100 pixels exceeds max_image_pixels 10000"),
+    (b"\x89PNG\r\n\x1a\n broken", 10_000, 400, "cannot decode"),
+])
+def test_image_decoding_errors_map_to_http_statuses(data, max_pixels, status, words):
+    """Uploads go through selfxit.zoo.images.open_rgb; its errors become 415 (format), 413 (pixels), 400 (corrupt)."""
+    from selfxit.serve.requests import ApiError, decode_images
+
+    def transform(img):
+        return torch.from_numpy(np.asarray(img.resize((32, 32)), dtype=np.float32)).permute(2, 0, 1)
+
+    with pytest.raises(ApiError) as caught:
+        decode_images([("files[0] (x)", data)], transform, max_pixels)
+    assert caught.value.status == status and words in caught.value.message and "files[0] (x)" in caught.value.message
+    assert decode_images([("ok", _png(40, 30))], transform, 10_000).shape == (1, 3, 32, 32)
 
 
 def test_multipart_jpegs_match_the_bundle_in_process(server, built):
@@ -275,7 +355,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answers(server, b
 
     def counter(name):
         text = server["client"].get("/metrics").text
-        return int(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
 
     runs, requests = counter("selfxit_microbatches_total"), counter("selfxit_microbatch_requests_total")
     start = threading.Barrier(len(files))
@@ -300,9 +380,8 @@ def _other_backbone_bundle(path):
     cand = Candidate("layer2", (32, 16, 16), 1)  # built directly: wrap() would spend seconds counting FLOPs
     ee = EarlyExitModel(model, (3, 32, 32), 10, [cand], backbone_flops=2)
     torch.manual_seed(0)
-    ee.heads[cand.name] = build_head(DEFAULT_HEAD, cand.shape, ee.num_classes)
-    ee.head_specs[cand.name], ee.temperatures[cand.name], ee.head_flops[cand.name] = DEFAULT_HEAD, 1.0, 1
-    ee.thresholds = {cand.name: 0.9}
+    ee.set_records([ExitRecord(cand.name, build_head(DEFAULT_HEAD, cand.shape, ee.num_classes), 1.0, 0.9,
+                               spec=DEFAULT_HEAD, shape=cand.shape, head_flops=1)])
     return ee.save(path)
 
 
@@ -329,7 +408,7 @@ def test_hot_reload_refuses_bad_bundles_and_switches_to_a_good_one(server, built
     # 3. a valid new bundle (every sample exits at the first exit), written while requests are in flight
     new = selfxit.load(built["path"], built["model"])
     first = next(iter(new.thresholds))
-    new.thresholds[first] = 0.0
+    new.thresholds = {**new.thresholds, first: 0.0}
     statuses, stop = [], threading.Event()
 
     def traffic():

@@ -57,3 +57,9 @@ def test_any_image_keeps_its_size_and_becomes_rgb(kind, seed, w, h, mode):
     out = apply_shift(img, kind, seed)
     assert out.size == (w, h) and out.mode == "RGB"
     assert np.array_equal(pixels(out), pixels(apply_shift(img, kind, seed)))
+
+
+def test_collect_offers_exactly_these_shifts():
+    """``selfxit collect --transform`` spells the names out (its parser imports nothing heavy); they must agree."""
+    from selfxit.cli.collect import SHIFT_NAMES
+    assert SHIFT_NAMES == SHIFTS

@@ -3,6 +3,7 @@ fsspec memory://, and ``selfxit collect`` on the shared images."""
 import hashlib  # noqa: F401 - used by expected(), defined from EXPECTED_SRC
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -19,21 +20,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from selfxit.ops import traffic
-from selfxit.ops.traffic import (TrafficLog, TrafficRecord, decode_frame, encode_record, record_input,
-                             record_inputs)
+from selfxit.ops.traffic import TrafficLog, TrafficRecord, decode_frame, encode_record, record_input, record_inputs
 
 torch.set_num_threads(1)
 DAY = 86400.0
 
-# Writer subprocesses load selfxit/traffic.py on its own: importing the package would also import the whole
-# library (torchvision, NNI, DeepSpeed) and cost several CPU seconds per process on these 2-core machines.
+# Writer subprocesses import the real selfxit.ops.traffic package (``import selfxit`` is lazy, so this pulls in
+# torch, numpy and fsspec, not the whole library); the assert catches a child that found another copy.
 CHILD_PRELUDE = textwrap.dedent(f"""
-    import importlib.util, json, sys, hashlib, numpy as np, torch
+    import json, sys, hashlib, numpy as np, torch
     torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("traffic_child", {traffic.__file__!r})
-    traffic = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = traffic
-    spec.loader.exec_module(traffic)
+    import selfxit.ops.traffic as traffic
+    assert traffic.__file__ == {traffic.__file__!r}, traffic.__file__
 """)
 EXPECTED_SRC = textwrap.dedent('''
     def expected(writer, i, payload=256):
@@ -153,8 +151,8 @@ def test_bad_arguments_are_named(tmp_path):
 
 
 def test_record_input_decodes_like_image_folder_data(shared):
-    from selfxit.zoo.data import ImageFolderData
     from selfxit.zoo import ModelInfo
+    from selfxit.zoo.data import ImageFolderData
     info = ModelInfo("cifar", (3, 32, 32), None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 10)
     data = ImageFolderData(shared / "data" / "cifar10-test", info, max_samples=3, seed=0)
     records = [TrafficRecord(0.0, encoded=p.read_bytes(), content_type="image/jpeg") for p in data.paths]
@@ -335,6 +333,23 @@ def test_retention_by_age_never_touches_a_live_shard(tmp_path):
     assert janitor.prune(max_age_s=DAY) == 4
     assert janitor.count() == 5 and janitor.stats()["shards"] == 1
     assert len(list(tmp_path.glob("*.idx"))) == 1
+
+
+def test_an_index_left_half_written_by_a_dead_writer_is_removed_by_prune(tmp_path):
+    from selfxit.core.atomic import temporary_name
+    write(tmp_path, 1, [time.time() + i for i in range(3)])
+    (index,) = tmp_path.glob("*.idx")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    mine = temporary_name(index)  # what the atomic writer names its temporary, with a pid that has exited
+    orphan = mine.with_name(mine.name.replace(f"-{os.getpid()}-", f"-{int(dead.stdout)}-"))
+    orphan.write_bytes(b'{"records": 3')
+    alive = temporary_name(index)  # a live writer's temporary (this process): left alone
+    alive.write_bytes(b"{")
+    log = TrafficLog(tmp_path)
+    assert log.count() == 3 and log.prune(max_age_s=DAY) == 0
+    assert not orphan.exists() and alive.exists()
+    assert sorted(p.suffix for p in tmp_path.iterdir() if not p.name.startswith(".")) == [".idx", ".tlog"]
 
 
 def test_retention_by_size_removes_oldest_shards_first(tmp_path):

@@ -94,5 +94,9 @@ def test_a_publisher_killed_mid_copy_leaves_the_current_version_intact(tmp_path)
     proc.wait(10)
     assert store.current() == "v000001" and _tag(store.current_path) == 1.0
     assert [v.name for v in store.versions()] == ["v000001"]  # the staging folder is hidden, not a version
+    staging = [p.name for p in (store.root / "versions").iterdir() if p.name.startswith(".")]
+    assert staging and all(".tmp-" in name and str(proc.pid) in name for name in staging)  # the dead writer's
     assert store.publish(_bundle(tmp_path / "next", 3.0)) == "v000002"  # the lock was released by the kill
     assert os.readlink(store.current_path).endswith("v000002")
+    assert not [p for p in (store.root / "versions").iterdir() if p.name.startswith(".")]  # cleaned by the publish
+    assert sorted(p.name for p in store.root.iterdir()) == [".lock", "current", "history.jsonl", "versions"]

@@ -98,7 +98,7 @@ def main(argv=None) -> None:
 
     print("== 2. serving BUNDLES/current with a traffic log", flush=True)
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "selfxit.serve.app", "--bundle", str(bundles / "current"),
+    server = subprocess.Popen([sys.executable, "-m", "selfxit", "serve", "--bundle", str(bundles / "current"),
                                "--model", args.model, "--port", str(port), "--log", str(log), "--log-fraction", "1",
                                "--shadow-fraction", "0.2", "--reload-poll-s", "1", "--threads", "1"],
                               env={**os.environ, "NNI_FRAMEWORK": "none"})

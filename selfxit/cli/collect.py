@@ -1,52 +1,70 @@
-"""``selfxit collect``: append a folder of images to a traffic log as if they had arrived as requests."""
+"""``selfxit collect``: append a folder of images to a traffic log as if they had arrived as requests.
+
+Backfill (log what the backbone says about a folder of images) or a simulated drifted stream
+(``--transform blur|noise|brightness`` on a seeded share of the images). Nothing heavy is imported at
+module level: ``selfxit --help`` must not import torch.
+"""
 from __future__ import annotations
 
-import io
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
+from selfxit.cli.common import add_model_args, load_backbone
 
-from selfxit.ops.shift import SHIFTS, apply_shift, check_shift
+# the names of selfxit.ops.shift.SHIFTS, spelled out so that building the parser imports nothing heavy
+# (tests/test_shift.py checks that the two agree)
+SHIFT_NAMES = ("blur", "noise", "brightness")
 
 
 def shift_seed(seed: int, index: int) -> int:
     """The per-image seed of a shift: independent streams for every (run seed, image position)."""
+    import numpy as np
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def _encoded_image(path: Path, kind: str | None, seed: int, strength: float | None) -> tuple[bytes, str]:
-    """(bytes, content type) as the traffic would carry them: the file as is, or the shifted image as PNG."""
+    """(bytes, content type) as the traffic would carry them: the file as is, or the shifted image as PNG.
+
+    Decoded with the one image decoder (``selfxit.zoo.images``), so a file that serving or training
+    would refuse is refused here too (CorruptImageError) and never logged.
+    """
+    import io
+
     from PIL import Image
 
+    from selfxit.ops.shift import apply_shift
+    from selfxit.zoo.images import image_header, open_rgb
+
     raw = path.read_bytes()
-    with Image.open(io.BytesIO(raw)) as img:
-        img.load()
-        if kind is None:
-            return raw, Image.MIME.get(img.format or "", "application/octet-stream")
-        out = io.BytesIO()
-        apply_shift(img, kind, seed, strength).save(out, format="PNG")
+    rgb = open_rgb(raw, name=str(path))  # decodes every pixel: a truncated file fails here
+    if kind is None:
+        fmt, _, _ = image_header(raw, name=str(path))
+        return raw, Image.MIME.get(fmt or "", "application/octet-stream")
+    out = io.BytesIO()
+    apply_shift(rgb, kind, seed, strength).save(out, format="PNG")
     return out.getvalue(), "image/png"
 
 
 def run_collect(args) -> dict:
     """Log every image of ``--data`` (optionally shifted) with the backbone's softmax; returns the counts."""
+    import numpy as np
     import torch
     from tqdm import tqdm
 
-    from selfxit.zoo.data import CorruptImageError, ImageFolderData
+    from selfxit.ops.shift import check_shift
     from selfxit.ops.traffic import TrafficLog, TrafficLogError, TrafficRecord, record_input
-    from selfxit.zoo import load_backbone
+    from selfxit.zoo.data import ImageFolderData
+    from selfxit.zoo.images import CorruptImageError
 
     if not 0 < args.fraction <= 1:
         raise ValueError(f"--fraction must be in (0, 1]; got {args.fraction}")
     if args.transform is None and (args.fraction != 1 or args.strength is not None):
-        raise ValueError("--fraction and --strength need --transform (one of: " + ", ".join(SHIFTS) + ")")
+        raise ValueError("--fraction and --strength need --transform (one of: " + ", ".join(SHIFT_NAMES) + ")")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     strength = check_shift(args.transform, args.strength) if args.transform else None
-    model, info = load_backbone(args.model, args.weights)
+    model, info = load_backbone(args)
     dataset = ImageFolderData(args.data, info, max_samples=args.max_samples, seed=args.seed)
     n = len(dataset)
     shifted = set()
@@ -81,7 +99,7 @@ def run_collect(args) -> dict:
                                            source="collect", meta={"file": str(path.relative_to(dataset.root)),
                                                                    "shift": kind, "shift_seed": seed if kind else None})
                     pending.append((record, record_input(record, info)))
-                except (OSError, SyntaxError, ValueError, CorruptImageError) as e:
+                except (OSError, CorruptImageError) as e:
                     warnings.warn(f"skipping corrupt image {path}: {e}", stacklevel=2)
                     counts["corrupt"] += 1
                 else:
@@ -99,18 +117,20 @@ def run_collect(args) -> dict:
     return counts
 
 
-def add_collect_parser(subparsers) -> None:
-    """Register the ``collect`` subcommand on an argparse ``subparsers`` object."""
-    p = subparsers.add_parser("collect", help="append a folder of images to a traffic log, as if they were requests")
-    p.add_argument("--model", required=True, help="cifar_resnet20/32/44/56/110 or a torchvision classifier name")
-    p.add_argument("--weights", type=Path, help="checkpoint file (state dict) for the model")
+def add_parser(sub) -> None:
+    """Register the ``collect`` subcommand on an argparse ``sub`` (subparsers) object."""
+    p = sub.add_parser("collect", help="append a folder of images to a traffic log, as if they were requests")
+    add_model_args(p)
     p.add_argument("--data", required=True, help="image folder (ImageFolder layout or flat); labels are ignored")
     p.add_argument("--log", required=True, help="traffic log: a folder or an fsspec URL (e.g. s3://bucket/log)")
-    p.add_argument("--transform", choices=SHIFTS, help="simulate drift: shift the images (re-encoded as PNG)")
+    p.add_argument("--transform", choices=SHIFT_NAMES, help="simulate drift: shift the images (re-encoded as PNG)")
     p.add_argument("--strength", type=float, help="shift strength (default per shift: blur radius 1 px, "
                                                   "noise std 0.1, brightness factor 1.5)")
     p.add_argument("--fraction", type=float, default=1.0, help="share of the images that get the shift (seeded)")
     p.add_argument("--max-samples", type=int, help="use a seeded random subset of the images")
     p.add_argument("--seed", type=int, default=0, help="seeds the subset, the shifted share and the noise")
     p.add_argument("--batch-size", type=int, default=64, help="images per backbone run")
-    p.set_defaults(func=lambda a: run_collect(a) and None)
+    p.set_defaults(func=run_collect)
+
+
+add_collect_parser = add_parser  # the previous name; selfxit/cli/__init__.py moves to add_parser

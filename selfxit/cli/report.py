@@ -4,11 +4,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from selfxit.cli.common import add_model_args
 
-def run_report(args) -> dict:
+
+def add_parser(sub) -> None:
+    """Register the ``report`` subcommand on an argparse ``sub`` (subparsers) object."""
+    p = sub.add_parser("report", help="write an HTML evaluation report of a bundle (figures + report.json)")
+    p.add_argument("--bundle", required=True)
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="image folder (class subfolders give accuracy too)")
+    p.add_argument("--out", required=True, help="report folder to write (index.html, PNGs, report.json)")
+    p.add_argument("--split", choices=["test", "all"], default="test")
+    p.add_argument("--latency-samples", type=int, default=256, help="samples timed per batch size (at least a batch)")
+    p.add_argument("--max-samples", type=int, help="default: what enable used (from the bundle)")
+    p.add_argument("--seed", type=int, help="default: what enable used (from the bundle)")
+    p.set_defaults(func=run)
+
+
+add_report_parser = add_parser  # the former name, kept for callers not yet switched
+
+
+def run(args) -> None:
     """Load the bundle and the data split the way ``selfxit evaluate`` does, build the report, say where it went."""
+    from selfxit.cli.evaluate import load_for_evaluation
     from selfxit.evaluate import report
-    from selfxit.cli import load_for_evaluation
     from selfxit.zoo.data import split_indices
 
     if args.latency_samples < 1:
@@ -17,24 +36,7 @@ def run_report(args) -> dict:
     rows = split_indices(len(dataset), seed)["test"] if args.split == "test" else None
     details = {"bundle": str(args.bundle), "model": args.model, "weights": str(args.weights) if args.weights else None,
                "data": str(dataset.root), "split": args.split, "seed": seed, "max_samples": max_samples}
-    result = report.build_report(ee, dataset, rows, args.out, latency_samples=args.latency_samples,
-                                 batch_sizes=report.BATCH_SIZES, bundle_dir=args.bundle, weights_path=args.weights,
-                                 info=details, num_workers=min(2, os.cpu_count() or 1))
-    index = Path(args.out) / "index.html"
-    print(f"report written to {index} (numbers in {Path(args.out) / 'report.json'})")
-    return result
-
-
-def add_report_parser(subparsers) -> None:
-    """Register the ``report`` subcommand on an argparse ``subparsers`` object."""
-    p = subparsers.add_parser("report", help="write an HTML evaluation report of a bundle (figures + report.json)")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--model", required=True, help="cifar_resnet20/32/44/56/110 or a torchvision classifier name")
-    p.add_argument("--weights", type=Path, help="checkpoint file (state dict) for the model")
-    p.add_argument("--data", required=True, help="image folder (class subfolders give accuracy too)")
-    p.add_argument("--out", required=True, help="report folder to write (index.html, PNGs, report.json)")
-    p.add_argument("--split", choices=["test", "all"], default="test")
-    p.add_argument("--latency-samples", type=int, default=256, help="samples timed per batch size (at least a batch)")
-    p.add_argument("--max-samples", type=int, help="default: what enable used (from the bundle)")
-    p.add_argument("--seed", type=int, help="default: what enable used (from the bundle)")
-    p.set_defaults(func=lambda a: run_report(a) and None)
+    report.build_report(ee, dataset, rows, args.out, latency_samples=args.latency_samples,
+                        batch_sizes=report.BATCH_SIZES, bundle_dir=args.bundle, weights_path=args.weights,
+                        info=details, num_workers=min(2, os.cpu_count() or 1))
+    print(f"report written to {Path(args.out) / 'index.html'} (numbers in {Path(args.out) / 'report.json'})")

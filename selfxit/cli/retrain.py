@@ -1,22 +1,29 @@
-"""``selfxit retrain``, ``selfxit rollback`` and ``selfxit versions``: the nightly job and its published versions."""
+"""``selfxit retrain``, ``selfxit rollback`` and ``selfxit versions``: the nightly job and its published versions.
+
+Nothing heavy is imported at module level (``selfxit --help`` must not import torch): the run functions
+import what they need.
+"""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
+from selfxit.cli.common import add_model_args, load_backbone
+
 
 def run_retrain(args) -> None:
+    """Run the nightly job once: retrain on the window, publish only if the candidate passes validation,
+    then apply log retention (after the window has been read)."""
     from selfxit.ops.retrain import RetrainConfig, parse_duration, retrain, summary
     from selfxit.ops.versions import BundleStore
-    from selfxit.zoo import load_backbone
     config = RetrainConfig(since=parse_duration(args.since) if args.since != "all" else None,
                            holdout_fraction=args.holdout, tolerance=args.tolerance, min_records=args.min_records,
                            seed=args.seed, epochs=args.epochs, keep=args.keep)
-    model, info = load_backbone(args.model, args.weights)
-    store = BundleStore(args.out, keep=args.keep)
     if not Path(args.log).exists() and "://" not in str(args.log):
         raise FileNotFoundError(f"traffic log not found: {args.log} (write one with `selfxit serve --log` or `selfxit collect`)")
+    model, info = load_backbone(args)
+    store = BundleStore(args.out, keep=args.keep)
     result = retrain(args.log, store, model, info, config, current_bundle=args.bundle, progress=not args.json)
     out = result.to_dict()
     if args.keep_log or args.max_log_bytes:  # retention, after the window has been used
@@ -31,6 +38,7 @@ def run_retrain(args) -> None:
 
 
 def run_rollback(args) -> None:
+    """Make the previous published version current again (the server reloads it by itself)."""
     from selfxit.ops.versions import BundleStore
     store = BundleStore(args.out)
     before = store.current()
@@ -39,6 +47,7 @@ def run_rollback(args) -> None:
 
 
 def run_versions(args) -> None:
+    """List published versions (current marked) and the last publish/rollback events with their reasons."""
     from selfxit.ops.versions import BundleStore
     store = BundleStore(args.out)
     versions = store.versions()
@@ -56,13 +65,12 @@ def run_versions(args) -> None:
               file=sys.stdout)
 
 
-def add_retrain_parsers(subparsers) -> None:
-    """Register ``retrain``, ``rollback`` and ``versions``."""
-    p = subparsers.add_parser("retrain", help="retrain exits on logged traffic; publish only if they pass validation")
+def add_parser(sub) -> None:
+    """Register ``retrain``, ``rollback`` and ``versions`` on an argparse ``sub`` (subparsers) object."""
+    p = sub.add_parser("retrain", help="retrain exits on logged traffic; publish only if they pass validation")
     p.add_argument("--log", required=True, help="traffic log folder or fsspec URL")
     p.add_argument("--bundle", help="the bundle serving now (default: BUNDLES/current)")
-    p.add_argument("--model", required=True, help="backbone name, as for enable")
-    p.add_argument("--weights", type=Path, help="checkpoint file (state dict) for the model")
+    add_model_args(p)
     p.add_argument("--out", required=True, help="BUNDLES: folder of published versions (serve BUNDLES/current)")
     p.add_argument("--since", default="24h", help="window: 90s, 30m, 24h, 7d ... or 'all' (default 24h)")
     p.add_argument("--tolerance", type=float, help="default: the current bundle's")
@@ -76,12 +84,15 @@ def add_retrain_parsers(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_retrain)
 
-    p = subparsers.add_parser("rollback", help="make the previous published version current again")
+    p = sub.add_parser("rollback", help="make the previous published version current again")
     p.add_argument("--out", "--bundles", dest="out", required=True, help="BUNDLES folder")
     p.add_argument("--reason", default="manual rollback")
     p.set_defaults(func=run_rollback)
 
-    p = subparsers.add_parser("versions", help="list published versions and their history")
+    p = sub.add_parser("versions", help="list published versions and their history")
     p.add_argument("--out", "--bundles", dest="out", required=True, help="BUNDLES folder")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_versions)
+
+
+add_retrain_parsers = add_parser  # the previous name; selfxit/cli/__init__.py moves to add_parser

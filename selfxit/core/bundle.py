@@ -1,18 +1,35 @@
-"""Exit bundles on disk: heads as safetensors plus a JSON manifest, written atomically."""
+"""Exit bundles on disk: heads (and gates) as safetensors plus a JSON manifest, written atomically.
+
+Format 2 (written now) keeps one entry per exit in ``manifest["exits"]`` (layer, activation shape, head
+spec, temperature, head FLOPs, threshold or null, gate spec or null) and a typed ``provenance``. Format 1
+(parallel ``heads``/``exits``/``gates`` sections and a free-form ``meta``) is still read.
+Loading needs only this package's core: never NNI, DeepSpeed or a web framework.
+"""
+
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
-import os
-import shutil
-import tempfile
+from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-FORMAT_VERSION = 1
+from selfxit.core import atomic
+from selfxit.core.candidates import Candidate
+from selfxit.core.conformal import ConformalCalibration
+from selfxit.core.exits import ExitRecord
+from selfxit.core.flops import counter_name
+from selfxit.core.gates import build_gate
+from selfxit.core.heads import build_head, concrete_spec
+from selfxit.core.provenance import Provenance
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 WEIGHTS = "heads.safetensors"
 
@@ -36,33 +53,11 @@ def save_bundle(path: str | Path, manifest: dict, heads: dict[str, dict[str, tor
     Everything is written into a temporary sibling folder first and renamed into place, so a reader
     (or a crash) never sees a half-written bundle. An existing bundle at ``path`` is replaced.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{layer}/{key}": t.detach().cpu().contiguous() for layer, sd in heads.items() for key, t in sd.items()}
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle should read like any other folder
-    old = path.with_name(f".{path.name}.old")
-    try:
+    with atomic.staged_dir(path) as staging:
         save_file(tensors, staging / WEIGHTS)
         (staging / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2))
-        for f in staging.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old.exists() and not path.exists():
-            os.replace(old, path)  # put the previous bundle back
-        raise
-    return path
+    return Path(path)
 
 
 def load_bundle(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
@@ -74,8 +69,9 @@ def load_bundle(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tenso
         manifest = json.loads((path / MANIFEST).read_text())
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path / MANIFEST} is not valid JSON: {exc}") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise BundleError(f"{path}: bundle format {manifest.get('format_version')} is not one this version reads "
+                          f"{READABLE_VERSIONS}; upgrade selfxit or rebuild the bundle")
     try:
         tensors = load_file(path / WEIGHTS)
     except Exception as exc:  # safetensors raises several types for corrupt files
@@ -85,3 +81,95 @@ def load_bundle(path: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tenso
         layer, _, name = key.rpartition("/")
         heads.setdefault(layer, {})[name] = tensor
     return manifest, heads
+
+
+class BundleContents(NamedTuple):
+    """What a bundle holds for :func:`selfxit.load`, rebuilt and checked against the backbone."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    candidates: list[Candidate]
+    backbone_flops: int
+    records: list[ExitRecord]
+    gate: str
+    conformal: ConformalCalibration | None
+    tolerance: float | None
+    provenance: Provenance
+
+
+def save_model(ee, path: str | Path) -> Path:
+    """Write an :class:`selfxit.api.EarlyExitModel`'s exit records and what they were fitted with (format 2)."""
+    manifest = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "backbone_fingerprint": backbone_fingerprint(ee.backbone),
+        "input_shape": list(ee.input_shape),
+        "num_classes": ee.num_classes,
+        "backbone_flops": ee.backbone_flops,
+        "flops_counter": counter_name(),
+        "candidates": [c.to_dict() for c in ee.candidates],
+        "gate": ee.gate,
+        "exits": [{"layer": r.layer, "shape": list(r.shape), "spec": r.spec, "temperature": r.temperature,
+                   "head_flops": r.head_flops, "threshold": r.threshold,
+                   "gate": r.gate.spec() if r.gate is not None else None} for r in ee.records.values()],
+        "conformal": ee.conformal.to_dict() if ee.conformal else None,
+        "tolerance": ee.tolerance,
+        "config": ee.config.to_dict() if getattr(ee, "config", None) is not None else None,
+        "report": asdict(ee.report) if ee.report else None,
+        "provenance": ee.provenance.to_dict(),
+    }
+    weights = {r.layer: r.head.state_dict() for r in ee.records.values()}
+    weights.update({f"gate:{r.layer}": r.gate.state_dict() for r in ee.records.values() if r.gate is not None})
+    return save_bundle(path, manifest, weights)
+
+
+def _exit_entries(manifest: dict) -> list[dict]:
+    """Format-2 exit entries; a format-1 manifest's parallel sections are folded into them."""
+    if manifest["format_version"] >= 2:
+        return manifest["exits"]
+    thresholds = {e["layer"]: e["threshold"] for e in manifest.get("exits", [])}
+    gates = manifest.get("gates") or {}
+    return [{"layer": name, "shape": info["shape"], "spec": info["spec"], "temperature": info["temperature"],
+             "head_flops": info["head_flops"], "threshold": thresholds.get(name), "gate": gates.get(name)}
+            for name, info in manifest["heads"].items()]
+
+
+def read_model(path: str | Path, model: nn.Module) -> BundleContents:
+    """Read a bundle for ``model``: refuses a bundle built for a different backbone, or one whose weights do
+    not match its specs, with a :class:`BundleError` that says what to do."""
+    manifest, states = load_bundle(path)
+    fingerprint = backbone_fingerprint(model)
+    if manifest.get("backbone_fingerprint") != fingerprint:
+        raise BundleError(f"bundle {path} was built for backbone {manifest.get('backbone_fingerprint', '?')[:12]}, "
+                          f"but this model is {fingerprint[:12]}: use the same weights, or rebuild the bundle")
+    try:
+        num_classes = int(manifest["num_classes"])
+        candidates = [Candidate(c["name"], tuple(c["shape"]), int(c["remaining_flops"])) for c in manifest["candidates"]]
+        entries = _exit_entries(manifest)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"bundle {path}: manifest lacks or garbles {exc}; rebuild the bundle") from exc
+    records = []
+    for e in entries:
+        name, shape = e["layer"], tuple(e["shape"])
+        try:
+            spec = concrete_spec(e["spec"], shape)
+            head = build_head(spec, shape, num_classes)
+            head.load_state_dict(states[name])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise BundleError(f"bundle {path}: weights of head {name!r} do not match its spec: {exc}") from exc
+        gate = None
+        if e.get("gate") is not None:
+            try:
+                gate = build_gate(e["gate"])
+                gate.load_state_dict(states[f"gate:{name}"])
+            except (KeyError, RuntimeError, ValueError) as exc:
+                raise BundleError(f"bundle {path}: gate of exit {name!r} cannot be rebuilt: {exc}") from exc
+            gate.eval()
+        threshold = e.get("threshold")
+        records.append(ExitRecord(name, head.eval(), float(e["temperature"]),
+                                  None if threshold is None else float(threshold), gate, spec, shape,
+                                  int(e["head_flops"])))
+    raw_conformal = manifest.get("conformal")
+    return BundleContents(tuple(manifest["input_shape"]), num_classes, candidates, int(manifest["backbone_flops"]),
+                          records, manifest.get("gate", "confidence"),
+                          ConformalCalibration.from_dict(raw_conformal) if raw_conformal else None,
+                          manifest.get("tolerance"), Provenance.from_dict(manifest.get("provenance", manifest.get("meta"))))

@@ -18,17 +18,61 @@ parameter temporarily requiring grad: otherwise PyTorch's fused attention fast p
 their FLOPs vanish. The model is returned exactly as found: training flags, ``requires_grad``,
 hooks and attributes are restored, and no autograd graph outlives the profiled forward pass.
 All counts are for a single sample: the profiled batch is ``example_input[:1]``.
+
+DeepSpeed is the ``flops`` extra (``pip install 'selfxit[flops]'``, part of ``[all]``). Without it, or
+where its profiler raises on a module (e.g. a conv whose stride is stored as a list), counts come from
+``torch.utils.flop_counter.FlopCounterMode`` with a warning: that counter counts matmuls and
+convolutions (2 x MACs) and attention, but not norms, activations or pooling, so its totals are a few
+percent lower for CNNs. A bundle records which counter it was measured with.
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
+DEEPSPEED = "deepspeed.profiling.flops_profiler (residual python adds not counted)"
+TORCH = "torch.utils.flop_counter.FlopCounterMode (matmul, conv and attention only)"
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def deepspeed_available() -> bool:
+    """Whether DeepSpeed's profiler can be imported (the ``flops`` extra)."""
+    try:
+        _deepspeed_profiler()
+    except ImportError:
+        return False
+    return True
+
+
+def counter_name() -> str:
+    """Which counter :func:`count_flops` uses in this environment (recorded in bundles)."""
+    return DEEPSPEED if deepspeed_available() else TORCH
+
+
+def _with_fallback(deepspeed_count: Callable, torch_count: Callable, what: str):
+    """DeepSpeed's count, or torch's when DeepSpeed is missing or its profiler raises (with a warning)."""
+    if not deepspeed_available():
+        _warn_once("missing", "DeepSpeed is not installed (pip install 'selfxit[flops]'): FLOPs are counted with "
+                              "torch's FlopCounterMode, which leaves out norms, activations and pooling")
+        return torch_count()
+    try:
+        return deepspeed_count()
+    except (TypeError, AttributeError, RuntimeError) as exc:
+        _warn_once(f"failed:{what}", f"DeepSpeed's flops profiler failed on {what} ({type(exc).__name__}: {exc}); "
+                                     "counting its FLOPs with torch's FlopCounterMode instead")
+        return torch_count()
 
 
 def _deepspeed_profiler():
@@ -42,9 +86,17 @@ def _deepspeed_profiler():
 
 def count_flops(module: nn.Module, example_input: torch.Tensor) -> int:
     """FLOPs of one forward pass of module on example_input (batch 1, taken from example_input[:1])."""
-    with _profiling(module) as prof:
-        module(_one_sample(example_input))
-        return int(prof.get_total_flops())
+    def deepspeed_count() -> int:
+        with _profiling(module) as prof:
+            module(_one_sample(example_input))
+            return int(prof.get_total_flops())
+
+    def torch_count() -> int:
+        with _torch_counting(module) as mode:
+            module(_one_sample(example_input))
+            return int(mode.get_total_flops())
+
+    return _with_fallback(deepspeed_count, torch_count, type(module).__name__)
 
 
 def cumulative_flops(
@@ -65,23 +117,33 @@ def cumulative_flops(
             raise unknown_module_error(name, modules)
     reached: dict[str, int] = {}
 
-    def record(name: str) -> None:
-        if name not in reached:
-            reached[name] = _running_total(model)
+    def run(running_total: Callable[[], int]) -> None:
+        def record(name: str) -> None:
+            if name not in reached:
+                reached[name] = running_total()
 
-    with _profiling(model) as prof:
-        # Registered after start_profile, so they fire after the profiler's own post-hook has folded
-        # the layer's FLOPs into its __flops__.
-        handles = [
-            modules[name].register_forward_hook(lambda _m, _i, _o, name=name: record(name))
-            for name in dict.fromkeys(layer_names)
-        ]
+        # Registered after profiling starts, so they fire after the counter has folded the layer's FLOPs in.
+        handles = [modules[name].register_forward_hook(lambda _m, _i, _o, name=name: record(name))
+                   for name in dict.fromkeys(layer_names)]
         try:
             model(_one_sample(example_input))
         finally:
             for handle in handles:
                 handle.remove()
-        total = int(prof.get_total_flops())
+
+    def deepspeed_count() -> int:
+        reached.clear()
+        with _profiling(model) as prof:
+            run(lambda: _running_total(model))
+            return int(prof.get_total_flops())
+
+    def torch_count() -> int:
+        reached.clear()
+        with _torch_counting(model) as mode:
+            run(mode.get_total_flops)
+            return int(mode.get_total_flops())
+
+    total = _with_fallback(deepspeed_count, torch_count, type(model).__name__)
     missing = [name for name in layer_names if name not in reached]
     if missing:
         raise ValueError(f"layer(s) {missing} never ran during the forward pass, so no FLOPs can be placed after them")
@@ -135,5 +197,19 @@ def _profiling(model: nn.Module) -> Iterator:
         _ds.module_mac_count.clear()
         for p, requires_grad in grads:
             p.requires_grad_(requires_grad)
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _torch_counting(model: nn.Module) -> Iterator:
+    """Count with torch's FlopCounterMode in eval mode, restoring training flags afterwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as mode:
+            yield mode
+    finally:
         for m, training in modes:
             m.training = training

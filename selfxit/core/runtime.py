@@ -20,22 +20,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from selfxit.core.exits import ExitRecord
+
 FINAL = -1  # exit index of samples answered by the backbone itself
 
 
-@dataclass
-class Exit:
-    """One active exit: a head on a backbone layer, its temperature and its threshold.
-
-    Without a gate the threshold applies to the calibrated max-softmax; with a gate (see
-    :mod:`selfxit.fit.gates`) it applies to ``gate(scaled logits, previous exit's probabilities)``.
-    """
-
-    layer: str
-    head: nn.Module
-    temperature: float
-    threshold: float
-    gate: nn.Module | None = None
+Exit = ExitRecord  # the runtime's name for an active exit record
 
 
 @dataclass
@@ -114,7 +104,7 @@ class _Pass:
 class EarlyExitRunner:
     """Runs a frozen backbone with a cascade of exits (in forward order)."""
 
-    def __init__(self, backbone: nn.Module, exits: list[Exit], num_classes: int):
+    def __init__(self, backbone: nn.Module, exits: list[ExitRecord], num_classes: int):
         self.backbone = backbone
         self.num_classes = num_classes
         self.exits = list(exits)

@@ -1,13 +1,14 @@
 """Measure an early-exit model on traffic: FLOPs, agreement, accuracy, exit rates and CPU latency ratios."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from selfxit.core.hooks import split_batch
+from selfxit.core.latency import alternate
 from selfxit.core.runtime import FINAL
 
 
@@ -44,20 +45,14 @@ def cost_per_exit(ee) -> np.ndarray:
 
 
 def _latency_ratio(ee, inputs: torch.Tensor, batch_size: int, max_batches: int) -> tuple[float, float]:
-    """(early-exit / backbone wall time, backbone ms per batch), alternating the two to share machine noise."""
+    """(early-exit / backbone wall time, backbone ms per batch) on consecutive batches of ``inputs``,
+    timed by :func:`selfxit.core.latency.alternate` (the same timer as the report's)."""
     batches = [inputs[i:i + batch_size] for i in range(0, len(inputs) - batch_size + 1, batch_size)][:max_batches]
     if not batches:
         return float("nan"), float("nan")
-    with torch.inference_mode():
-        ee.backbone(batches[0]), ee(batches[0])  # warm-up
-        plain = early = 0.0
-        for i, x in enumerate(batches):
-            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
-                start = time.perf_counter()
-                ee.backbone(x) if which == 0 else ee(x)
-                elapsed = time.perf_counter() - start
-                plain, early = (plain + elapsed, early) if which == 0 else (plain, early + elapsed)
-    return early / plain, 1000 * plain / len(batches)
+    timings = alternate({"backbone": lambda x, _cb: ee.backbone(x), "early_exit": lambda x, _cb: ee(x)}, batches)
+    plain = timings["backbone"].total
+    return timings["early_exit"].total / plain, 1000 * plain / len(batches)
 
 
 def evaluate(ee, loader, latency: bool = True, latency_samples: int = 256, progress: bool = True,
@@ -73,7 +68,7 @@ def evaluate(ee, loader, latency: bool = True, latency_samples: int = 256, progr
     exits, agree, hits_bb, hits_ee, labels_all, kept_inputs = [], [], [], [], [], []
     with torch.inference_mode():
         for batch in tqdm(loader, desc="evaluate", disable=not progress):
-            x, labels = (batch, None) if isinstance(batch, torch.Tensor) else (batch[0], batch[1] if len(batch) > 1 else None)
+            x, labels = split_batch(batch)
             if reference is None:
                 backbone_top1 = ee.backbone(x).argmax(1)
             else:

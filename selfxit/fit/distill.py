@@ -1,6 +1,9 @@
 """Train one exit head by KL self-distillation to the backbone's softmax (no labels anywhere)."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +29,15 @@ class DistillConfig:
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"invalid DistillConfig {self}: epochs and batch_size >= 1, lr > 0, weight_decay >= 0")
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator for the block (e.g. a head's initialisation) and restore the caller's
+    generator state afterwards, so fitting never changes the random stream of the code around it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def stem_features(stem: nn.Module, medial: MedialDataset, candidate: str, rows: np.ndarray) -> torch.Tensor:

@@ -35,15 +35,10 @@ from tqdm.auto import tqdm
 
 from selfxit.fit import select as optimize
 from selfxit.fit.calibrate import fit_temperature
-from selfxit.fit.distill import head_logits, stem_features
+from selfxit.fit.distill import head_logits, seeded, stem_features
+from selfxit.core.gates import GATES, Gate, build_gate  # noqa: F401 (the gate modules live in core)
 from selfxit.core.heads import split_stem
 from selfxit.fit.medial import MedialDataset
-
-GATES = ("confidence", "learned")
-BASE_FEATURES = ("max_prob", "entropy", "entropy_t2", "margin", "log_odds")
-PREVIOUS_FEATURES = ("previous_gap", "previous_prob")
-_EPS = 1e-6
-
 
 @dataclass
 class GateConfig:
@@ -80,83 +75,6 @@ class GateConfig:
                             f"got {self.weight_decay}, {self.max_iter}, {self.head_rounds}, {self.head_epochs}")
         if problems:
             raise ValueError("invalid GateConfig: " + "; ".join(problems))
-
-
-class Gate(nn.Module):
-    """Exit probability from one exit's temperature-scaled logits (and the previous exit's probabilities).
-
-    Features: max probability, entropy (nats), entropy at ``second_temperature``, top-1 minus top-2
-    probability, log-odds of the max probability; with ``previous``: the previous exit's max probability
-    minus its probability of this exit's top-1 (0 when they agree), and that probability. Their
-    standardisation is folded
-    into the first linear layer when training ends, so a forward pass is a handful of small ops.
-    """
-
-    def __init__(self, num_classes: int, hidden: int = 0, second_temperature: float = 2.0, previous: bool = False):
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"a gate needs at least 2 classes; got {num_classes}")
-        self.num_classes, self.hidden = int(num_classes), int(hidden)
-        self.second_temperature, self.previous = float(second_temperature), bool(previous)
-        self.feature_names = BASE_FEATURES + (PREVIOUS_FEATURES if self.previous else ())
-        width = len(self.feature_names)
-        self.net = (nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1)) if hidden
-                    else nn.Sequential(nn.Linear(width, 1)))
-        # tensor constants and a plain reference: fewer scalar conversions and lookups at batch 1
-        self.register_buffer("_inv_t2", torch.tensor(1.0 / self.second_temperature), persistent=False)
-        object.__setattr__(self, "_linear", None if hidden else self.net[0])
-
-    def spec(self) -> dict:
-        """JSON-friendly description that :func:`build_gate` rebuilds the module from."""
-        return {"num_classes": self.num_classes, "hidden": self.hidden,
-                "second_temperature": self.second_temperature, "previous": self.previous}
-
-    def features(self, logits: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, features] in the order of ``feature_names``; ``previous`` is the previous exit's probabilities."""
-        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(f"gate expects logits of shape [batch, {self.num_classes}]; got {list(logits.shape)}")
-        p = logits.softmax(dim=1)
-        q = (logits * self._inv_t2).softmax(dim=1)
-        top, index = p.topk(2, dim=1)
-        p1 = top[:, :1]
-        columns = [p1, torch.special.entr(p).sum(dim=1, keepdim=True), torch.special.entr(q).sum(dim=1, keepdim=True),
-                   p1 - top[:, 1:], torch.logit(p1, _EPS)]
-        if self.previous:
-            if previous is None or previous.shape != logits.shape:
-                raise ValueError("this gate reads the previous exit's output: pass its probabilities "
-                                 f"[batch, {self.num_classes}]; got "
-                                 f"{None if previous is None else list(previous.shape)}")
-            ours = previous.gather(1, index[:, :1])
-            columns += [previous.amax(dim=1, keepdim=True) - ours, ours]
-        return torch.cat(columns, dim=1)
-
-    def forward(self, logits: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
-        """[B] probability of exiting here."""
-        features = self.features(logits, previous)
-        if self._linear is not None:  # one fused op instead of nn.Linear's transpose + addmm (runs at batch 1)
-            return torch.sigmoid(torch.addmv(self._linear.bias, features, self._linear.weight[0]))
-        return torch.sigmoid(self.net(features)).squeeze(1)
-
-    def flops(self) -> int:
-        """FLOPs of one forward pass for one sample, counted analytically (an upper bound of the ops run).
-
-        Per class: softmax (4), entropy (3: p log p and the sum), second-temperature scaling and softmax (5),
-        its entropy (3), top-2 (2), previous exit's max (1): 18 per class; plus the scalar features (10),
-        the linear layers (2 x MACs + bias), ReLU and the sigmoid (4).
-        """
-        width = len(self.feature_names)
-        per_class = 17 + (1 if self.previous else 0)
-        net = (2 * width * self.hidden + self.hidden + self.hidden + 2 * self.hidden + 1) if self.hidden \
-            else (2 * width + 1)
-        return per_class * self.num_classes + 10 + net + 4
-
-
-def build_gate(spec: dict) -> Gate:
-    """Rebuild a gate from :meth:`Gate.spec`."""
-    allowed = {"num_classes", "hidden", "second_temperature", "previous"}
-    if not isinstance(spec, dict) or set(spec) - allowed or "num_classes" not in spec:
-        raise ValueError(f"gate spec needs 'num_classes' and only keys {sorted(allowed)}; got {spec!r}")
-    return Gate(**spec)
 
 
 # ---- targets -----------------------------------------------------------------------------------------
@@ -198,7 +116,6 @@ def train_gate(gate: Gate, logits: torch.Tensor, previous: torch.Tensor | None, 
                config: GateConfig) -> Gate:
     """Fit one gate by (L2-regularised) binary cross-entropy with L-BFGS on standardised features; the
     standardisation is then folded into the first linear layer."""
-    torch.manual_seed(config.seed)
     with torch.no_grad():
         raw = gate.features(logits, previous)
         mean = raw.mean(0)
@@ -248,7 +165,8 @@ def train_chain(log_probs: torch.Tensor, backbone_top1: torch.Tensor, costs: np.
     targets = gate_targets(log_probs, backbone_top1, costs, config.lam)
     gates = []
     for k in range(log_probs.shape[0]):
-        gate = Gate(log_probs.shape[2], config.hidden, config.second_temperature, config.previous and k > 0)
+        with seeded(config.seed + k):  # the gate's initialisation, without touching the global generator
+            gate = Gate(log_probs.shape[2], config.hidden, config.second_temperature, config.previous and k > 0)
         previous = log_probs[k - 1].exp() if gate.previous else None
         gates.append(train_gate(gate, log_probs[k], previous, targets[k], config))
     return gates
@@ -373,13 +291,14 @@ def specialise_heads(heads: list[nn.Sequential], layers: list[str], medial: Medi
 def fit_with_heads(log_probs: dict[str, torch.Tensor], top1: dict[str, torch.Tensor], layers: list[str],
                    heads: dict[str, nn.Sequential], temperatures: dict[str, float], medial: MedialDataset,
                    rows: dict[str, np.ndarray], head_flops, remaining_flops, total_flops: float, tolerance: float,
-                   max_exits: int | None, config: GateConfig, progress: bool = True) -> GateFit:
+                   max_exits: int | None, config: GateConfig, progress: bool = True,
+                   design_factor: float = 1.5) -> GateFit:
     """:func:`fit_gates` on the 'tune' split, alternated ``config.head_rounds`` times with :func:`specialise_heads`
     on the 'train' split; specialised heads get a new temperature (on 'tune') and their rows of
     ``log_probs[split]`` [K, N, C] are refreshed. ``heads``, ``temperatures`` and ``log_probs`` change in place.
     """
     fit = fit_gates(log_probs["tune"], top1["tune"], head_flops, remaining_flops, total_flops, tolerance,
-                    max_exits, config)
+                    max_exits, config, design_factor)
     for _ in range(config.head_rounds):
         if not fit.chain:
             break
@@ -394,7 +313,7 @@ def fit_with_heads(log_probs: dict[str, torch.Tensor], top1: dict[str, torch.Ten
             for s in log_probs:
                 log_probs[s][k] = (logits[s] / temperatures[name]).log_softmax(1)
         fit = fit_gates(log_probs["tune"], top1["tune"], head_flops, remaining_flops, total_flops, tolerance,
-                        max_exits, config)
+                        max_exits, config, design_factor)
     return fit
 
 

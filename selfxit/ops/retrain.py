@@ -34,8 +34,8 @@ import torch
 
 from selfxit.api import EarlyExitModel, load, wrap
 from selfxit.core.provenance import RetrainProvenance
-from selfxit.fit.distill import DistillConfig
 from selfxit.evaluate.evaluation import evaluate
+from selfxit.fit.distill import DistillConfig
 from selfxit.ops.traffic import TrafficLog, record_input
 from selfxit.ops.versions import BundleStore
 

@@ -10,21 +10,23 @@ Layout::
 
 Serve ``BUNDLES/current``: the server's bundle watcher follows the symlink, so a publish or a
 rollback is picked up like any other bundle change. A version is copied into a hidden staging
-folder and renamed into ``versions/`` only when complete, and ``current`` moves only after that, so
-a publisher killed at any moment leaves the published bundle untouched. Publishers take a file lock.
+folder and renamed into ``versions/`` only when complete (:func:`selfxit.core.atomic.staged_dir`),
+and ``current`` moves only after that, so a publisher killed at any moment leaves the published
+bundle untouched; what such a publisher left behind is removed by the next publish. Publishers take
+a file lock.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
 
+from selfxit.core.atomic import fsync_dir, remove_stale_temporaries, staged_dir, temporary_name
 from selfxit.core.bundle import MANIFEST, BundleError, load_bundle
 
 VERSIONS = "versions"
@@ -101,22 +103,13 @@ class BundleStore:
             folder.mkdir(parents=True, exist_ok=True)
             numbers = [int(v.name[1:]) for v in self.versions() if v.name[1:].isdigit()]
             name = f"v{max(numbers, default=0) + 1:06d}"
-            staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder))
-            try:
+            with staged_dir(folder / name) as staging:  # fsync'ed and renamed into place only when complete
                 for f in bundle_dir.iterdir():
                     if f.is_file():
                         shutil.copy2(f, staging / f.name)
                 section = "provenance" if "provenance" in manifest else "meta"  # format 1 bundles keep 'meta'
                 manifest.setdefault(section, {})["version"] = name
                 (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-                for f in staging.iterdir():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-                os.chmod(staging, 0o755)
-                os.replace(staging, folder / name)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
             self._point_to(name)
             self._log({"event": "publish", "version": name, "reason": reason})
             self._prune()
@@ -138,11 +131,15 @@ class BundleStore:
         return previous
 
     def _point_to(self, name: str) -> None:
-        tmp = self.root / f".{CURRENT}.{os.getpid()}.tmp"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
+        """Switch ``current`` to version ``name`` in one rename: a reader sees the old or the new link."""
+        tmp = temporary_name(self.root / CURRENT)
         os.symlink(Path(VERSIONS) / name, tmp)
-        os.replace(tmp, self.root / CURRENT)  # atomic: a reader sees the old or the new link
+        try:
+            os.replace(tmp, self.root / CURRENT)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(self.root)
 
     def _log(self, event: dict) -> None:
         event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **event}
@@ -152,12 +149,12 @@ class BundleStore:
             os.fsync(fh.fileno())
 
     def _prune(self) -> None:
-        """Keep the newest ``keep`` versions (and always the current one); drop stale staging folders."""
+        """Keep the newest ``keep`` versions (and always the current one); drop what publishers that died
+        on this host left behind (staging folders, a ``current`` link not yet renamed)."""
         versions = self.versions()
         current = self.current()
         for v in versions[:-self.keep]:
             if v.name != current:
                 shutil.rmtree(v.path, ignore_errors=True)
-        for stale in (self.root / VERSIONS).glob(".v*"):
-            if time.time() - stale.stat().st_mtime > 3600:  # left by a publisher killed mid-copy
-                shutil.rmtree(stale, ignore_errors=True)
+        remove_stale_temporaries(self.root / VERSIONS)
+        remove_stale_temporaries(self.root)

@@ -29,7 +29,7 @@ Output folder::
     layers/<layer>/history.jsonl  one line per trial: choices, concrete spec, status, score, agreement,
                                   head FLOPs and parameters, seconds, error
     layers/<layer>/result.json    the layer's best trial and whether it is kept (once its budget is spent)
-    best_heads.json               {"heads": {layer: {"kind": "searched", "space", "choices"}}, "dropped", ...}
+    best_heads.json               {"heads": {layer: concrete conv_linear spec}, "dropped", "layers", ...}
     nni/                          NNI's experiment folders (logs, checkpoints) and experiment manifest
 
 Resuming: a layer with a ``result.json`` for at least the requested budget is skipped; otherwise its
@@ -57,11 +57,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from selfxit.fit.distill import DistillConfig, distill_head, head_logits
+from selfxit.fit.distill import DistillConfig, distill_head, head_logits, seeded
 from selfxit.core.flops import count_flops
 from selfxit.core.heads import build_head
 from selfxit.fit.medial import MedialDataset
-from selfxit.search.space import SearchConfig, SpaceConfig, build_strategy, load_config, searched_spec
+from selfxit.core.heads import concrete_spec
+from selfxit.search.config import SearchConfig, SpaceConfig, load_config, searched_spec
 
 FORMAT_VERSION = 1
 OBJECTIVE = "score = agreement - flops_weight * head_flops / remaining_flops"
@@ -152,10 +153,10 @@ def _train_and_measure(model, job: dict) -> dict:
     medial = MedialDataset(job["medial"])
     train = _rows(medial, "train", training["max_rows"], job["seed"])
     valid = medial.indices(training["validation_split"])
-    torch.manual_seed(job["seed"])
-    for module in head.modules():  # same initial weights for the same architecture, whatever NNI did before
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+    with seeded(job["seed"]):  # same initial weights for the same architecture, whatever NNI did before
+        for module in head.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
     config = DistillConfig(epochs=training["epochs"], batch_size=training["batch_size"], lr=training["lr"],
                            weight_decay=training["weight_decay"], seed=job["seed"])
     distill_head(head, medial, job["layer"], train, config, progress=False)
@@ -221,8 +222,10 @@ def _cache_entry(row: dict) -> dict:
                                                              "head_params", "seconds")}}
 
 
-def _best(rows: list[dict]) -> dict | None:
-    trained = [r for r in rows if r["status"] == "trained"]
+def _best(rows: list[dict], min_agreement: float = -1.0) -> dict | None:
+    """The best-score trained trial among those whose agreement clears ``min_agreement`` (the near-chance bar):
+    a layer is kept for a head that clears the bar, so the head returned must be one that does."""
+    trained = [r for r in rows if r["status"] == "trained" and r["agreement"] >= min_agreement]
     return max(trained, key=lambda r: (r["score"], -r["head_flops"])) if trained else None
 
 
@@ -317,7 +320,7 @@ def _cheapest_flops(config: SearchConfig, candidate, num_classes: int) -> int:
 def _search_layer(index: int, candidate, medial: MedialDataset, num_classes: int, config: SearchConfig,
                   out: Path, budget: int, majority: float, progress: bool) -> LayerResult:
     from nni.nas.evaluator import FunctionalEvaluator
-    from selfxit.search.space import HeadSpace
+    from selfxit.search.space import HeadSpace, build_strategy  # NNI: only when a search runs
     layer_dir = out / "layers" / _slug(candidate.name)
     result_file = layer_dir / "result.json"
     if result_file.exists():
@@ -360,14 +363,14 @@ def _search_layer(index: int, candidate, medial: MedialDataset, num_classes: int
             if finished is None:  # NNI caught Ctrl-C and stopped the experiment
                 raise KeyboardInterrupt(f"search interrupted at layer {candidate.name}; run it again to resume")
             experiment.stop()
-    best = _best(rows)
-    best_agreement = max((r["agreement"] for r in rows if r["status"] == "trained"), default=None)
     bar_needed = majority + config.objective.drop_margin
-    if best is None:
-        kept, reason = False, "no trial trained (all failed or over the FLOPs budget)"
-    elif best_agreement < bar_needed:
-        kept, reason = False, (f"near chance: best agreement {best_agreement:.3f} < majority rate {majority:.3f} "
-                               f"+ drop_margin {config.objective.drop_margin}")
+    best = _best(rows, bar_needed)
+    best_agreement = max((r["agreement"] for r in rows if r["status"] == "trained"), default=None)
+    if best_agreement is None:
+        kept, reason, best = False, "no trial trained (all failed or over the FLOPs budget)", None
+    elif best is None:
+        kept, reason, best = False, (f"near chance: best agreement {best_agreement:.3f} < majority rate "
+                                     f"{majority:.3f} + drop_margin {config.objective.drop_margin}"), _best(rows)
     else:
         kept, reason = True, f"best score {best['score']:.4f} (agreement {best['agreement']:.3f})"
     previous = json.loads(result_file.read_text())["seconds"] if result_file.exists() else 0.0
@@ -446,7 +449,7 @@ def run_search(medial: MedialDataset, candidates: list, num_classes: int, config
     layers = [_search_layer(i, cand, medial, num_classes, config, out, budget, majority, progress)
               for i, cand in enumerate(candidates)]
     space = config.space
-    result = SearchResult(out, layers, {r.layer: searched_spec(space, r.best["choices"]) for r in layers if r.kept},
+    result = SearchResult(out, layers, {r.layer: searched_spec(space, r.best["choices"], tuple(r.shape)) for r in layers if r.kept},
                           {r.layer: r.reason for r in layers if not r.kept}, time.perf_counter() - start)
     _write_json(out / "best_heads.json", {
         "format_version": FORMAT_VERSION, "objective": OBJECTIVE, "config": config.to_dict(),
@@ -464,8 +467,13 @@ def load_search(out_dir: str | Path) -> SearchResult:
     data = json.loads(path.read_text())
     if data.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: search format {data.get('format_version')} != {FORMAT_VERSION}")
-    return SearchResult(Path(out_dir), [LayerResult(**r) for r in data["layers"]], data["heads"], data["dropped"],
-                        sum(r["seconds"] for r in data["layers"]))
+    layers = [LayerResult(**r) for r in data["layers"]]
+    shapes = {r.layer: tuple(r.shape) for r in layers}
+    try:  # searches written before concrete specs stored {"kind": "searched", "space", "choices"}
+        heads = {name: concrete_spec(spec, shapes[name]) for name, spec in data["heads"].items()}
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: a searched head cannot be rebuilt: {exc}") from exc
+    return SearchResult(Path(out_dir), layers, heads, data["dropped"], sum(r["seconds"] for r in data["layers"]))
 
 
 def apply_search(ee, out_dir: str | Path) -> dict[str, dict]:

@@ -1,0 +1,83 @@
+"""``selfxit serve``: run the HTTP/WebSocket server on a bundle (see :mod:`selfxit.serve.app`).
+
+``add_parser`` only declares arguments (defaults come from :class:`selfxit.serve.config.ServeConfig`,
+which imports nothing heavy), so ``selfxit --help`` stays fast; ``run`` imports torch, FastAPI and
+uvicorn when the server is actually started.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from pathlib import Path
+
+from selfxit.cli.common import add_model_args, load_backbone, quiet_libraries
+from selfxit.serve.config import ServeConfig
+
+log = logging.getLogger("selfxit.serve.app")  # the server logs under one name, as before the split
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``serve`` on an argparse subparsers object; ``func`` is :func:`run`."""
+    d = ServeConfig()
+    p = sub.add_parser("serve", help="serve a bundle over HTTP and WebSocket (micro-batching, hot reload)")
+    p.add_argument("--bundle", required=True, type=Path, help="bundle folder (watched for changes)")
+    add_model_args(p)
+    p.add_argument("--plain", action="store_true", help="serve the plain backbone (exits off), e.g. as a baseline")
+    p.add_argument("--host", default=d.host, help="interface to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="micro-batching window")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="items per request")
+    p.add_argument("--max-microbatch", type=int, default=d.max_microbatch, help="items per early-exit run")
+    p.add_argument("--max-queue-items", type=int, default=d.max_queue_items)
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--timeout-s", type=float, default=d.request_timeout_s, help="request timeout")
+    p.add_argument("--reload-poll-s", type=float, default=d.reload_poll_s, help="bundle polling period; 0: off")
+    p.add_argument("--log", help="traffic log folder or fsspec URL to append sampled traffic to (default: none)")
+    p.add_argument("--log-fraction", type=float, default=d.log_fraction, help="fraction of items logged")
+    p.add_argument("--shadow-fraction", type=float, default=d.shadow_fraction,
+                   help="fraction of items also run through the whole backbone to measure live agreement")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+    return p
+
+
+def config_from_args(args) -> ServeConfig:
+    """A ServeConfig from the parsed ``serve`` arguments."""
+    return ServeConfig(bundle=args.bundle, model=args.model, weights=args.weights, plain=args.plain,
+                       host=args.host, port=args.port, max_wait_ms=args.max_wait_ms, max_batch=args.max_batch,
+                       max_microbatch=args.max_microbatch, max_queue_items=args.max_queue_items,
+                       max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout_s,
+                       reload_poll_s=args.reload_poll_s, log=args.log, log_fraction=args.log_fraction,
+                       shadow_fraction=args.shadow_fraction)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run(args) -> None:
+    """Run the server until interrupted (a bad bundle or model fails here, before binding the port)."""
+    quiet_libraries()
+    import torch
+    import uvicorn
+
+    from selfxit.serve.app import create_app
+    from selfxit.serve.reload import BundleLoader
+
+    config = config_from_args(args)
+    config.validate()
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not _is_loopback(config.host):
+        log.warning("binding %s: the server (including POST /v1/reload) is reachable beyond this machine",
+                    config.host)
+    backbone, info = load_backbone(args)
+    app = create_app(BundleLoader.from_backbone(args.bundle, backbone, info, plain=args.plain), config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level,
+                ws_max_size=config.max_body_bytes, timeout_graceful_shutdown=5)

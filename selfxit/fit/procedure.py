@@ -1,0 +1,180 @@
+"""The body of ``EarlyExitModel.fit``: heads by distillation, temperatures, gates, exits and thresholds.
+
+Splits of the medial dataset and what each is for (nothing here reads a label):
+
+- *train*: heads are distilled to the backbone's softmax;
+- *tune*: temperatures, near-chance pruning, the cascade's shape (and learned gates), and the conformal
+  calibration of prediction sets;
+- *val*: untouched until the certified scale is chosen on it (Learn-then-Test), so the promise holds;
+- *test*: held back for the report.
+
+The conformal sets are calibrated on *tune*, not on the *val* samples whose agreement picked the
+certified scale: calibration and selection use disjoint samples.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from selfxit.core.candidates import Candidate
+from selfxit.core.exits import ExitRecord
+from selfxit.core.flops import count_flops
+from selfxit.core.heads import DEFAULT_HEAD, build_head
+from selfxit.fit import conformal, select
+from selfxit.fit import gates as gating
+from selfxit.fit.calibrate import expected_calibration_error, fit_temperature
+from selfxit.fit.config import FitConfig
+from selfxit.fit.distill import distill_head, head_logits, seeded
+from selfxit.fit.medial import SPLITS, MedialDataset
+from selfxit.fit.results import FitReport, HeadReport, summary
+
+SCORED = ("tune", "val", "test")
+
+
+class FitOutcome:
+    """What :func:`fit_exits` produced: the exit records, the gate mode, the calibration and the report."""
+
+    def __init__(self, records: dict[str, ExitRecord], gate: str, calibration, report: FitReport):
+        self.records, self.gate, self.calibration, self.report = records, gate, calibration, report
+
+
+def head_specs(candidates: list[Candidate], heads: dict | None, previous: dict[str, ExitRecord]) -> dict[str, dict]:
+    """Spec per candidate: one spec for all (``{"kind": ...}``), a per-layer dict, or what is already trained."""
+    names = [c.name for c in candidates]
+    if heads is None:
+        return {n: previous[n].spec if n in previous else DEFAULT_HEAD for n in names}
+    if "kind" in heads:
+        return {n: heads for n in names}
+    unknown = set(heads) - set(names)
+    if unknown:
+        raise ValueError(f"head specs for unknown layers {sorted(unknown)}; candidates are {names}")
+    return {n: heads.get(n, DEFAULT_HEAD) for n in names}
+
+
+def _warm(head: nn.Module, warm: nn.Module | None) -> None:
+    """Copy ``warm``'s weights into the fresh ``head`` when the architectures match (else keep the fresh init)."""
+    if warm is None:
+        return
+    try:
+        head.load_state_dict(warm.state_dict())
+    except RuntimeError:
+        pass  # the spec changed since the warm head was trained: start fresh
+
+
+def _train_heads(candidates, medial, rows, specs, previous, config: FitConfig, num_classes, warm_start, progress):
+    """A trained head record per candidate (reusing ``previous`` ones with the same spec unless retrain)."""
+    records: dict[str, ExitRecord] = {}
+    for cand in tqdm(candidates, desc="heads", disable=not progress):
+        old = previous.get(cand.name)
+        if config.retrain or old is None or old.spec != specs[cand.name]:
+            with seeded(config.distill.seed):  # the caller's global RNG is left as it was
+                head = build_head(specs[cand.name], cand.shape, num_classes)
+            _warm(head, (warm_start or {}).get(cand.name))
+            distill_head(head, medial, cand.name, rows["train"], config.distill, progress)
+        else:
+            head = old.head
+        records[cand.name] = ExitRecord(cand.name, head, spec=specs[cand.name], shape=tuple(cand.shape),
+                                        head_flops=count_flops(head, torch.zeros(1, *cand.shape)))
+    return records
+
+
+def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: int, backbone_flops: int,
+              config: FitConfig, previous: dict[str, ExitRecord] | None = None,
+              warm_start: dict[str, nn.Module] | None = None, progress: bool = True) -> FitOutcome:
+    """Train, calibrate and prune a head per candidate, then choose the cascade by ``config.method``."""
+    previous = previous or {}
+    rows = {name: medial.indices(name) for name in SPLITS}
+    top1 = {name: medial.teacher(r).argmax(1) for name, r in rows.items()}
+    majority = float(np.bincount(top1["tune"], minlength=num_classes).max()) / max(len(rows["tune"]), 1)
+    specs = head_specs(candidates, config.heads, previous)
+    trained = _train_heads(candidates, medial, rows, specs, previous, config, num_classes, warm_start, progress)
+
+    reports, kept = [], []
+    log_probs: dict[str, list] = {s: [] for s in SCORED}  # calibrated log-softmax of each kept head
+    probs: dict[str, list] = {s: [] for s in SCORED}  # calibrated softmax (confidence and agreement)
+    for cand in candidates:
+        record = trained[cand.name]
+        logits = {s: head_logits(record.head, medial, cand.name, rows[s]) for s in SCORED}
+        record.temperature = fit_temperature(logits["tune"], top1["tune"])
+        agreement = float((logits["val"].argmax(1) == top1["val"]).float().mean())
+        keep = float((logits["tune"].argmax(1) == top1["tune"]).float().mean()) >= majority + config.near_chance_margin
+        reports.append(HeadReport(cand.name, record.head_flops, cand.remaining_flops, agreement, record.temperature,
+                                  expected_calibration_error(logits["val"].softmax(1), top1["val"]),
+                                  expected_calibration_error((logits["val"] / record.temperature).softmax(1),
+                                                             top1["val"]), keep))
+        if keep:
+            kept.append(cand)
+            for s in SCORED:
+                log_probs[s].append((logits[s] / record.temperature).log_softmax(1))
+                probs[s].append((logits[s] / record.temperature).softmax(1))
+    records = {c.name: trained[c.name] for c in kept}  # near-chance heads are discarded, in every record
+    layers = [c.name for c in kept]
+    stacked = {s: torch.stack(v) if v else torch.zeros(0, len(rows[s]), num_classes) for s, v in log_probs.items()}
+    stats = {s: _stats(probs[s], len(rows[s]), top1[s], [records[n].head_flops for n in layers],
+                       [c.remaining_flops for c in kept], backbone_flops) for s in SCORED}
+    confidence_stats, confidence_layers = stats, layers
+
+    if config.gate == "learned":
+        heads = {n: r.head for n, r in records.items()}
+        temperatures = {n: r.temperature for n, r in records.items()}
+        fitted = gating.fit_with_heads(stacked, top1, layers, heads, temperatures, medial, rows,
+                                       stats["tune"].head_flops, stats["tune"].remaining_flops, backbone_flops,
+                                       config.tolerance, config.max_exits, config.gate_config, progress,
+                                       design_factor=config.design_factor)
+        for name in layers:  # head rounds may have specialised heads and refitted temperatures
+            records[name].head, records[name].temperature = heads[name], temperatures[name]
+        stats = {s: fitted.stats(stacked[s], top1[s], stats[s].head_flops, stats[s].remaining_flops, backbone_flops)
+                 for s in stats}
+        stacked = {s: lp[fitted.chain] for s, lp in stacked.items()}
+        layers = [layers[k] for k in fitted.chain]
+        for name, gate in zip(layers, fitted.gates):
+            records[name].gate = gate
+
+    results = choose_thresholds(stats, config)
+    if config.gate == "learned":  # the paper's rule and 'joint' could drop exits whose output a later gate reads
+        results = {"certified": results["certified"]}
+    thresholds, level = results[config.method]
+    for k, name in enumerate(layers):
+        records[name].threshold = float(thresholds[k]) if np.isfinite(thresholds[k]) else None
+    baselines = {m: {s: summary(stats[s], th, layers) for s in ("val", "test") if len(rows[s])}
+                 for m, (th, _) in results.items()}
+    if config.gate == "learned":
+        th = choose_thresholds(confidence_stats, config)["certified"][0]
+        baselines["confidence"] = {s: summary(confidence_stats[s], th, confidence_layers)
+                                   for s in ("val", "test") if len(rows[s])}
+    active = [int(k) for k in np.flatnonzero(np.isfinite(thresholds))]
+    taken = {s: select.exit_assignment(stats[s], thresholds) for s in ("tune", "test")}
+    calibration = conformal.calibrate_cascade(layers, active, stacked["tune"], taken["tune"], top1["tune"])
+    set_quality = conformal.cascade_set_quality(calibration, layers, active, stacked["test"], taken["test"],
+                                                top1["test"]) if len(rows["test"]) else {}
+    report = FitReport(config.tolerance, config.method, level, reports, baselines[config.method]["val"],
+                       baselines[config.method].get("test"), baselines, config.gate,
+                       gating.config_dict(config.gate_config) if config.gate == "learned" else None, set_quality)
+    return FitOutcome(records, config.gate, calibration, report)
+
+
+def _stats(probs: list[torch.Tensor], n: int, top1: torch.Tensor, head_flops, remaining,
+           backbone_flops) -> select.ExitStats:
+    """ExitStats of max-softmax exits from each exit's calibrated probabilities [N, C]."""
+    if not probs:
+        return select.ExitStats(np.zeros((0, n)), np.zeros((0, n), bool), head_flops, remaining, backbone_flops)
+    return select.ExitStats(np.stack([p.max(1).values.numpy() for p in probs]),
+                            np.stack([(p.argmax(1) == top1).numpy() for p in probs]), head_flops, remaining,
+                            backbone_flops)
+
+
+def choose_thresholds(stats: dict[str, select.ExitStats], config: FitConfig) -> dict[str, tuple[np.ndarray, float]]:
+    """Thresholds per method: the paper's rule and the joint optimizer on val, and the certified cascade
+    (designed on 'tune', its scaled family tested on the untouched 'val' samples)."""
+    val, tune = stats["val"], stats["tune"]
+    if val.num_exits == 0:
+        off = np.full(0, select.OFF)
+        return {m: (off, 1.0 - config.delta if m == "certified" else 0.0) for m in ("paper", "joint", "certified")}
+    paper = select.best_subset(val, config.tolerance, config.max_exits)
+    off = np.full(val.num_exits, select.OFF)
+    joint = select.best_within(select.joint_path(val, [paper, off], max_exits=config.max_exits), config.tolerance)
+    cert = select.certified_cascade(tune, val, config.tolerance, config.delta, config.max_exits, config.design_factor)
+    return {"paper": (paper, 0.0), "joint": (joint.thresholds, 0.0),
+            "certified": (cert.chosen.thresholds, cert.confidence_level)}

@@ -1,0 +1,94 @@
+"""What a server is configured with and what it hands out: ServeConfig, ServedItem, the traffic-logger hook.
+
+Only the standard library is imported here, so that ``selfxit serve --help`` (which reads the defaults
+from :class:`ServeConfig`) answers without importing torch or FastAPI.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class ServeConfig:
+    """What to serve and the server's limits."""
+
+    bundle: Path | None = None  # bundle folder; also watched for hot reload
+    model: str | None = None  # backbone name for selfxit.zoo.load_backbone
+    weights: Path | None = None
+    plain: bool = False  # serve the plain backbone (the bundle's exits switched off), e.g. as a baseline
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_wait_ms: float = 5.0  # how long the oldest queued request waits for others to join its batch
+    max_batch: int = 64  # items per request
+    max_microbatch: int = 128  # items per early-exit run (a request is never split)
+    max_queue_items: int = 4096  # queued items beyond this get 503
+    max_body_bytes: int = 8 << 20  # also the WebSocket message limit
+    max_image_pixels: int = 4096 * 4096
+    request_timeout_s: float = 30.0
+    reload_poll_s: float = 1.0  # 0 turns off watching the bundle folder
+    log: str | None = None  # traffic log directory or fsspec URL (see selfxit.serve.monitor); None: no logging
+    log_fraction: float = 0.1  # fraction of served items appended to the log
+    shadow_fraction: float = 0.02  # fraction of served items also run through the whole backbone
+
+    def validate(self) -> None:
+        """Refuse limits that would make every request fail, before a model is loaded for nothing."""
+        for name in ("max_batch", "max_microbatch", "max_queue_items", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.reload_poll_s < 0:
+            raise ValueError("max_wait_ms and reload_poll_s must be >= 0 and request_timeout_s > 0")
+
+
+@dataclass
+class ServedItem:
+    """One answered item, as handed to the traffic logger."""
+
+    request_id: int
+    endpoint: str  # "predict" or "stream"
+    index: int  # position in its request
+    prediction: int
+    probability: float
+    exit: str  # exit layer name, or "final"
+    exit_position: int  # position in the cascade, or -1
+    latency_ms: float
+    bundle_generation: int
+    input: torch.Tensor  # the normalised input the model saw, [C, H, W]
+
+
+class TrafficLogger(Protocol):
+    """Receives every answered item, on the event loop thread (so it must be quick).
+
+    It may also have ``live_agreement() -> (agreement, samples) | None``; /metrics then exports
+    what it says instead of the built-in monitor's figure.
+    """
+
+    def on_result(self, item: ServedItem) -> None: ...
+
+
+class NullTrafficLogger:
+    """The default: logs nothing."""
+
+    def on_result(self, item: ServedItem) -> None:
+        pass
+
+
+class _CallableLogger:
+    def __init__(self, fn: Callable[[ServedItem], None]):
+        self.on_result = fn
+
+
+def as_traffic_logger(traffic_logger) -> TrafficLogger:
+    """Accept an object with ``on_result`` or a plain callable, so simple hooks need no class."""
+    if traffic_logger is None:
+        return NullTrafficLogger()
+    if hasattr(traffic_logger, "on_result"):
+        return traffic_logger
+    if callable(traffic_logger):
+        return _CallableLogger(traffic_logger)
+    raise TypeError("traffic_logger must have on_result(item) or be a callable taking a ServedItem")
