@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NNI_FRAMEWORK", "none")
 
 import selfxit  # noqa: E402
-from selfxit.cli import print_table  # noqa: E402
+from selfxit.cli.evaluate import print_table  # noqa: E402
 from selfxit.zoo.data import ImageFolderData, default_traffic_dir, split_indices  # noqa: E402
 from selfxit.evaluate.evaluation import evaluate  # noqa: E402
 from selfxit.zoo import load_backbone  # noqa: E402

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NNI_FRAMEWORK", "none")
 
 import selfxit  # noqa: E402
-from selfxit.cli import _quiet_libraries, main  # noqa: E402
+from selfxit.cli import main  # noqa: E402
+from selfxit.cli.common import quiet_libraries  # noqa: E402
 from selfxit.zoo.data import IMAGE_EXTENSIONS, ImageFolderData  # noqa: E402
 from selfxit.evaluate.evaluation import evaluate  # noqa: E402
 from selfxit.serve.monitor import MonitorConfig, TrafficMonitor  # noqa: E402
@@ -71,7 +72,7 @@ def _measure(ee, data_dir: Path, info, label: str) -> dict:
 
 
 def run(args) -> dict:
-    _quiet_libraries()
+    quiet_libraries()
     torch.manual_seed(args.seed)
     root = Path(args.data) if args.data else shared_dir() / "data" / "cifar10-test"
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -22,11 +22,7 @@ from selfxit.cli import (
     serve,
 )
 from selfxit.cli.common import quiet_libraries
-
-# older import paths, still used outside cli/ (benchmarks/core_targets.py, benchmarks/drift.py)
-from selfxit.cli.evaluate import evaluate_bundle, load_for_evaluation, print_table  # noqa: F401
-
-_quiet_libraries = quiet_libraries
+from selfxit.extras import MissingExtraError
 
 # in the order `selfxit --help` lists them; retrain also registers rollback and versions
 COMMANDS = (enable, search, evaluate, candidates, demo, report, serve, collect, retrain)
@@ -49,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(["demo", *(argv or [])])
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, TypeError, RuntimeError, MissingExtraError) as exc:
         print(f"selfxit: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -133,4 +133,3 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_collect)
 
 
-add_collect_parser = add_parser  # the previous name; selfxit/cli/__init__.py moves to add_parser

@@ -32,3 +32,16 @@ def load_backbone(args):
     """(model, ModelInfo) for ``--model`` / ``--weights``."""
     from selfxit.zoo import load_backbone as _load
     return _load(args.model, args.weights)
+
+
+def traffic_data(args, info, max_samples=None, seed=0):
+    """The images of --data (default: the shared traffic folder) as the backbone's inputs."""
+    from selfxit.zoo.data import ImageFolderData, default_traffic_dir
+    root = Path(args.data) if args.data else default_traffic_dir()
+    return ImageFolderData(root, info, max_samples=max_samples, seed=seed)
+
+
+def loader(dataset, batch_size=256):
+    """A DataLoader over ``dataset`` with a couple of decoding workers (JPEG decoding is the bottleneck)."""
+    import torch
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=min(2, os.cpu_count() or 1))

@@ -9,12 +9,11 @@ Only argparse-level imports at module level: ``selfxit --help`` must not pay for
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from selfxit.cli.common import add_model_args, load_backbone
+from selfxit.cli.common import add_model_args, load_backbone, loader, traffic_data
 
 # command-line flag (argparse dest) -> FitConfig field, for the flags a config file can also set
 CONFIG_FLAGS = {"tolerance": "tolerance", "delta": "delta", "max_exits": "max_exits", "gate": "gate"}
@@ -58,18 +57,6 @@ def fit_config_from_args(args):
     config = FitConfig.from_file(path) if path else FitConfig()
     given = {field: getattr(args, dest) for dest, field in CONFIG_FLAGS.items() if getattr(args, dest, None) is not None}
     return config.replace(**given) if given else config
-
-
-def traffic_data(args, info, max_samples=None, seed=0):
-    """The images of --data (default: the shared traffic folder) as the backbone's inputs."""
-    from selfxit.zoo.data import ImageFolderData, default_traffic_dir
-    root = Path(args.data) if args.data else default_traffic_dir()
-    return ImageFolderData(root, info, max_samples=max_samples, seed=seed)
-
-
-def loader(dataset, batch_size=256):
-    import torch
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=min(2, os.cpu_count() or 1))
 
 
 def enable(args):

@@ -47,7 +47,7 @@ def load_for_evaluation(args):
     """(bundle on its backbone, traffic dataset, seed, max_samples): the same sample and split ``enable`` used,
     unless --seed / --max-samples override what the bundle recorded."""
     import selfxit
-    from selfxit.cli.enable import traffic_data
+    from selfxit.cli.common import traffic_data
     model, info = load_backbone(args)
     ee = selfxit.load(args.bundle, model)
     made = ee.provenance

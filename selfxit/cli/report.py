@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from selfxit.extras import require_extra
 
 from selfxit.cli.common import add_model_args
 
@@ -21,11 +22,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-add_report_parser = add_parser  # the former name, kept for callers not yet switched
 
 
 def run(args) -> None:
     """Load the bundle and the data split the way ``selfxit evaluate`` does, build the report, say where it went."""
+    require_extra("report", "selfxit report")
     from selfxit.cli.evaluate import load_for_evaluation
     from selfxit.evaluate import report
     from selfxit.zoo.data import split_indices

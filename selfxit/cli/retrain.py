@@ -95,4 +95,3 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_versions)
 
 
-add_retrain_parsers = add_parser  # the previous name; selfxit/cli/__init__.py moves to add_parser

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from selfxit.extras import require_extra
 
 from selfxit.cli.common import add_model_args, load_backbone
 
@@ -28,10 +29,11 @@ def add_parser(sub) -> None:
 
 def run(args) -> None:
     """collect the medial dataset on --data, then search a head per candidate layer into --out (resumable)."""
+    require_extra("search", "selfxit search")
     import torch
 
     import selfxit
-    from selfxit.cli.enable import loader, traffic_data
+    from selfxit.cli.common import loader, traffic_data
     from selfxit.search.config import load_config
     config = load_config(args.config)  # a bad config fails before anything is recorded
     if args.trials is not None and args.trials < 1:

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from selfxit.cli.common import add_model_args, load_backbone, quiet_libraries
+from selfxit.extras import require_extra
 from selfxit.serve.config import ServeConfig
 
 log = logging.getLogger("selfxit.serve.app")  # the server logs under one name, as before the split
@@ -63,6 +64,7 @@ def _is_loopback(host: str) -> bool:
 def run(args) -> None:
     """Run the server until interrupted (a bad bundle or model fails here, before binding the port)."""
     quiet_libraries()
+    require_extra("serve", "selfxit serve")
     import torch
     import uvicorn
 

@@ -1,7 +1,6 @@
 """Record the medial dataset: activations at candidate layers (forward hooks) and the backbone's softmax."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from selfxit.zoo.data import split_indices
+from selfxit.core.hooks import capture, split_batch
 from selfxit.fit.medial import SPLITS, MedialDataset, MedialWriter
 
 TUNE_FRACTION = 0.2  # share of the train split held out from head training for calibration and threshold design
@@ -27,20 +27,6 @@ def assign_splits(num_samples: int, seed: int) -> np.ndarray:
     return split
 
 
-@contextmanager
-def recording_hooks(model: nn.Module, layers: list[str]):
-    """Forward hooks that keep the latest output of each named layer in the yielded dict."""
-    modules = dict(model.named_modules())
-    store: dict[str, torch.Tensor] = {}
-    handles = [modules[name].register_forward_hook(lambda m, i, out, name=name: store.__setitem__(name, out))
-               for name in layers]
-    try:
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:
     """Label-free image augmentation for distillation data: random horizontal flip and translation."""
     if x.ndim != 4:
@@ -54,15 +40,6 @@ def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torc
     for i, (dy, dx) in enumerate(offsets.tolist()):
         out[i] = padded[i, :, dy:dy + h, dx:dx + w]
     return out
-
-
-def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
-        return batch[0], labels
-    raise TypeError(f"a traffic batch must be a tensor or (inputs, labels[, ...]); got {type(batch).__name__}")
 
 
 @torch.no_grad()
@@ -81,10 +58,10 @@ def record(backbone: nn.Module, layers: list[str], shapes: list[tuple[int, ...]]
     writer = MedialWriter(out_dir, layers, shapes, num_samples + augment_copies * n_train, num_classes, seed)
     generator = torch.Generator().manual_seed(seed)
     seen = 0
-    with recording_hooks(backbone, layers) as store, tqdm(total=num_samples, desc="collect", unit="img",
+    with capture(backbone, layers) as store, tqdm(total=num_samples, desc="collect", unit="img",
                                                              disable=not progress) as bar:
         for batch in loader:
-            x, labels = _unpack(batch)
+            x, labels = split_batch(batch)
             rows = np.arange(seen, seen + len(x))
             if rows[-1] >= num_samples:
                 raise ValueError(f"traffic has more than the {num_samples} samples announced")

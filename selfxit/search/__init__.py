@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import importlib
 
-_NAMES = {"run_search": "run", "load_search": "run", "apply_search": "run", "SearchResult": "run",
-          "LayerResult": "run", "load_config": "config", "SearchConfig": "config", "SpaceConfig": "config",
+_NAMES = {"run_search": "run", "load_search": "results", "apply_search": "results", "SearchResult": "results",
+          "LayerResult": "results", "load_config": "config", "SearchConfig": "config", "SpaceConfig": "config",
           "SearchConfigError": "config", "shipped_configs": "config"}
 __all__ = sorted(_NAMES)
 

@@ -40,7 +40,6 @@ stopped. A trial that raises is logged (stderr and ``nni/<id>/log/experiment.log
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -49,7 +48,7 @@ import os
 import re
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +60,11 @@ from selfxit.fit.distill import DistillConfig, distill_head, head_logits, seeded
 from selfxit.core.flops import count_flops
 from selfxit.core.heads import build_head
 from selfxit.fit.medial import MedialDataset
-from selfxit.core.heads import concrete_spec
+from selfxit.extras import require_extra
 from selfxit.search.config import SearchConfig, SpaceConfig, load_config, searched_spec
+from selfxit.search.experiment import _experiment_class, _experiment_config, _nni_contained
+from selfxit.search.results import FORMAT_VERSION, LayerResult, SearchResult, apply_search, load_search  # noqa: F401
 
-FORMAT_VERSION = 1
 OBJECTIVE = "score = agreement - flops_weight * head_flops / remaining_flops"
 OVER_BUDGET_SCORE = -1.0
 CONSTRAINED = ("random", "evolution")  # strategies that take the FLOPs budget as an NNI constraint
@@ -74,32 +74,6 @@ _logger = logging.getLogger(__name__)
 # asked for one of them answers from here), and error messages of failed trials, by cache id then sample.
 _CACHE: dict[str, dict[str, dict]] = {}
 _ERRORS: dict[str, dict[str, str]] = {}
-
-
-@dataclass
-class LayerResult:
-    """The search at one candidate layer: its best trial (a history row) and whether the layer is kept."""
-
-    layer: str
-    shape: list[int]
-    remaining_flops: int
-    trials: int
-    kept: bool
-    reason: str
-    majority: float
-    best: dict | None
-    seconds: float
-
-
-@dataclass
-class SearchResult:
-    """A finished search: per-layer results; ``heads`` goes straight to ``EarlyExitModel.fit(heads=...)``."""
-
-    out_dir: Path
-    layers: list[LayerResult]
-    heads: dict[str, dict] = field(default_factory=dict)
-    dropped: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 # ---- the trial ---------------------------------------------------------------------------------------------
@@ -229,72 +203,6 @@ def _best(rows: list[dict], min_agreement: float = -1.0) -> dict | None:
     return max(trained, key=lambda r: (r["score"], -r["head_flops"])) if trained else None
 
 
-def _experiment_class():
-    from nni.nas.execution.event import ModelEventType
-    from nni.nas.experiment import NasExperiment
-
-    class _Experiment(NasExperiment):
-        """A NasExperiment that reports its model events to a recorder."""
-
-        def __init__(self, *args, recorder: _Recorder, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.recorder = recorder
-
-        def execution_engine_factory(self, config):
-            engine = super().execution_engine_factory(config)
-            engine.register_model_event_callback(ModelEventType.FinalMetric, self.recorder.on_metric)
-            engine.register_model_event_callback(ModelEventType.TrainingEnd, self.recorder.on_end)
-            return engine
-
-    return _Experiment
-
-
-@contextlib.contextmanager
-def _nni_contained(workdir: Path, spawns_processes: bool):
-    """Keep NNI's files under ``workdir`` and its INFO chatter off stdout for the duration.
-
-    NNI records every experiment in ``~/nni-experiments/.experiment`` (the default of
-    ``Experiments(home_dir=...)``, bound at import): that default points to ``workdir`` here. With a
-    training service, NNI's manager and trial keepers are separate processes that read ``$HOME``, so
-    ``HOME`` is pointed to ``workdir`` as well while they start.
-    """
-    from nni.runtime import log as nni_log
-    from nni.tools.nnictl import config_utils
-    workdir.mkdir(parents=True, exist_ok=True)
-    defaults = config_utils.Experiments.__init__.__defaults__
-    config_utils.Experiments.__init__.__defaults__ = (str(workdir),)
-    home = os.environ.get("HOME")
-    if spawns_processes:
-        os.environ["HOME"] = str(workdir)
-    stdout_on = "_stdout_" in getattr(nni_log, "_handlers", {"_stdout_": None})
-    nni_log.silence_stdout()
-    try:
-        yield
-    finally:
-        config_utils.Experiments.__init__.__defaults__ = defaults
-        if spawns_processes:
-            if home is None:
-                os.environ.pop("HOME", None)
-            else:
-                os.environ["HOME"] = home
-        if stdout_on:
-            nni_log.start_stdout_logging()
-
-
-def _experiment_config(config: SearchConfig, budget: int, workdir: Path):
-    from nni.nas.experiment import NasExperimentConfig
-    if config.training_service is None:
-        exp = NasExperimentConfig("sequential", "simplified")
-        exp.execution_engine.continue_on_failure = True
-        exp.trial_concurrency = 1
-    else:
-        exp = NasExperimentConfig("ts", "simplified", training_service=dict(config.training_service))
-        exp.trial_concurrency = config.trial_concurrency
-    exp.max_trial_number = budget
-    exp.experiment_working_directory = str(workdir)
-    return exp
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "_"
 
@@ -420,6 +328,7 @@ def run_search(medial: MedialDataset, candidates: list, num_classes: int, config
     path to a YAML/JSON config, a dict or a :class:`SearchConfig`. ``trials`` overrides
     ``trials_per_layer``.
     """
+    require_extra("search", "selfxit search")
     config = load_config(config)
     budget = config.trials_per_layer if trials is None else trials
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
@@ -457,38 +366,6 @@ def run_search(medial: MedialDataset, candidates: list, num_classes: int, config
                        for c in candidates],
         "heads": result.heads, "dropped": result.dropped, "layers": [asdict(r) for r in layers]})
     return result
-
-
-def load_search(out_dir: str | Path) -> SearchResult:
-    """The result of a finished search from its output folder."""
-    path = Path(out_dir) / "best_heads.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{out_dir} holds no finished search (no best_heads.json); run `selfxit search` first")
-    data = json.loads(path.read_text())
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: search format {data.get('format_version')} != {FORMAT_VERSION}")
-    layers = [LayerResult(**r) for r in data["layers"]]
-    shapes = {r.layer: tuple(r.shape) for r in layers}
-    try:  # searches written before concrete specs stored {"kind": "searched", "space", "choices"}
-        heads = {name: concrete_spec(spec, shapes[name]) for name, spec in data["heads"].items()}
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"{path}: a searched head cannot be rebuilt: {exc}") from exc
-    return SearchResult(Path(out_dir), layers, heads, data["dropped"], sum(r["seconds"] for r in data["layers"]))
-
-
-def apply_search(ee, out_dir: str | Path) -> dict[str, dict]:
-    """Prepare ``ee`` for ``fit(heads=...)`` with a finished search: keep only the layers the search kept
-    (dropped ones are near chance) and return their searched head specs."""
-    result = load_search(out_dir)
-    searched = {r.layer: tuple(r.shape) for r in result.layers}
-    ours = {c.name: tuple(c.shape) for c in ee.candidates}
-    if searched != ours:
-        raise ValueError(f"{out_dir} was searched on candidates {searched}, but this model has {ours}: run the search "
-                         "for this model (same --model, --weights and --max-candidates)")
-    if not result.heads:
-        raise ValueError(f"the search in {out_dir} kept no layer (all near chance); nothing to fit")
-    ee.candidates = [c for c in ee.candidates if c.name in result.heads]
-    return dict(result.heads)
 
 
 __all__ = ["LayerResult", "SearchResult", "SpaceConfig", "evaluate_head", "run_search", "load_search", "apply_search"]

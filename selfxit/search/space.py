@@ -15,6 +15,9 @@ import warnings
 
 import torch
 
+from selfxit.extras import require_extra  # noqa: E402
+
+require_extra("search", "head search")
 os.environ.setdefault("NNI_FRAMEWORK", "none")  # before nni.nas: no pytorch-lightning import
 with warnings.catch_warnings():  # NNI 3.0 warns about newer torch.nn classes it does not know
     warnings.simplefilter("ignore")

@@ -65,9 +65,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from selfxit.extras import require_extra
+
+require_extra("serve", "selfxit serve")
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect  # noqa: E402
+from fastapi.responses import JSONResponse, Response  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from selfxit.serve import requests as rq
 from selfxit.serve.batching import Batcher, Job

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from selfxit.fit.conformal import prediction_sets
+from selfxit.core.conformal import prediction_sets
 from selfxit.serve.metrics import ServeMetrics
 from selfxit.serve.reload import Served
 from selfxit.serve.requests import ApiError

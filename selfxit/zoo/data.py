@@ -12,13 +12,10 @@ from torchvision import transforms
 
 from selfxit.settings import cache_dir, shared_dir
 from selfxit.zoo import ModelInfo
+from selfxit.zoo.images import CorruptImageError, open_rgb  # noqa: F401 (CorruptImageError: re-exported)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CIFAR10_ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-
-
-class CorruptImageError(ValueError):
-    """An image file that cannot be decoded."""
 
 
 def image_transform(info: ModelInfo) -> Callable:
@@ -75,13 +72,7 @@ class ImageFolderData(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as e:
-            raise CorruptImageError(f"cannot read image {path}: {e}") from e
-        return self.transform(img), self.labels[index], index
+        return self.transform(open_rgb(self.paths[index])), self.labels[index], index
 
 
 def split_indices(n: int, seed: int, fractions=(0.5, 0.2, 0.3)) -> dict[str, np.ndarray]:

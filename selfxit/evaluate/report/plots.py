@@ -9,6 +9,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+
+from selfxit.extras import require_extra
+
+require_extra("report", "the report's figures")
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
