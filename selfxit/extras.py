@@ -8,6 +8,7 @@ counter is used) and ``all``.
 from __future__ import annotations
 
 import importlib
+import os
 
 EXTRAS = {
     "search": ("nni",),
@@ -25,6 +26,7 @@ def require_extra(extra: str, feature: str | None = None) -> None:
     """Raise :class:`MissingExtraError` unless every library of ``extra`` imports."""
     if extra not in EXTRAS:
         raise ValueError(f"unknown extra {extra!r}; extras are {sorted(EXTRAS)}")
+    os.environ.setdefault("NNI_FRAMEWORK", "none")  # NNI must not look for pytorch-lightning at import
     missing = []
     for module in EXTRAS[extra]:
         try:

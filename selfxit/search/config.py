@@ -16,11 +16,13 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from selfxit.core.heads import NO_POOL, conv_linear_spec, conv_out
+from selfxit.extras import require_extra
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "spaces"  # package data, installed with selfxit
 STRATEGIES = {"random": "Random", "grid": "GridSearch", "evolution": "RegularizedEvolution", "tpe": "TPE"}
@@ -341,6 +343,8 @@ def _training_service(raw: Any, source: str) -> dict | None:
 def build_strategy(config: SearchConfig, seed_offset: int = 0):
     """A fresh NNI strategy for one experiment, from ``config.strategy`` and its options, seeded by
     ``config.seed + seed_offset`` (the search offsets it per layer, so layers explore different samples)."""
+    require_extra("search", "search strategies")
+    os.environ.setdefault("NNI_FRAMEWORK", "none")  # before nni.nas: no pytorch-lightning import
     from nni.nas import strategy as nni_strategy
     cls = getattr(nni_strategy, STRATEGIES[config.strategy])
     options = dict(config.strategy_options)

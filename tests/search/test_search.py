@@ -378,3 +378,22 @@ def test_cli_search_then_enable(shared, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert {e["spec"]["kind"] for e in manifest["exits"]} == {"conv_linear"}
+
+
+def test_a_kept_layer_returns_a_head_that_clears_the_near_chance_bar(medial, tmp_path, monkeypatch):
+    """The best-score trial can sit below the bar (a cheap, weak head); a kept layer must return one that clears it."""
+    def train(model, job):
+        wide = bool(model.spec["hidden"])  # big head: clears the bar; small head: scores higher but near chance
+        agreement, flops = (0.9, 8 * 10**6) if wide else (0.2, 100)
+        score = agreement - flops / 10**7
+        return {"spec": model.spec, "head_flops": flops, "head_params": 10, "cached": False, "default": score,
+                "status": "trained", "agreement": agreement, "seconds": 0.0}
+    monkeypatch.setattr(search_mod, "_train_and_measure", train)
+    config = {**SMALL, "trials_per_layer": 12, "objective": {"max_head_flops": 1.0}}
+    result = run_search(medial, CANDS[:1], 5, config, tmp_path / "s", progress=False)
+    layer = result.layers[0]
+    rows = [json.loads(line) for line in (tmp_path / "s" / "layers" / "a" / "history.jsonl").read_text().splitlines()]
+    assert {r["agreement"] for r in rows} == {0.2, 0.9}  # both kinds were tried
+    assert max(rows, key=lambda r: r["score"])["agreement"] == 0.2  # the best score is the near-chance head
+    assert layer.kept and layer.best["agreement"] >= layer.majority + 0.05
+    assert result.heads["a"]["hidden"]  # the stored head is the one that clears the bar
