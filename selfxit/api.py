@@ -9,7 +9,7 @@ from torch import nn
 
 from selfxit.core import bundle as bundle_format
 from selfxit.core.candidates import Candidate, find_candidates
-from selfxit.core.exits import ExitRecord
+from selfxit.core.exits import CertifiedFamily, ExitRecord
 from selfxit.core.flops import count_flops
 from selfxit.core.provenance import Provenance
 from selfxit.core.runtime import EarlyExitOutput, EarlyExitRunner
@@ -45,6 +45,7 @@ class EarlyExitModel:
         self.tolerance: float | None = None
         self.report: FitReport | None = None
         self.config: FitConfig | None = None  # what the last fit used
+        self.family: CertifiedFamily | None = None  # the certified thresholds' family (method 'certified')
         self.provenance = Provenance()  # how the bundle was built (model name, data split...), saved with it
         self._runner: EarlyExitRunner | None = None
 
@@ -96,6 +97,7 @@ class EarlyExitModel:
         self.set_records(list(outcome.records.values()))
         self.conformal, self.report, self.tolerance, self.config = (outcome.calibration, outcome.report,
                                                                      config.tolerance, config)
+        self.family = outcome.family
         return self.report
 
     def set_records(self, records: list[ExitRecord]) -> None:
@@ -259,5 +261,5 @@ def load(path: str | Path, model: nn.Module) -> EarlyExitModel:
                         contents.backbone_flops)
     ee.set_records(contents.records)
     ee.gate, ee.conformal, ee.tolerance = contents.gate, contents.conformal, contents.tolerance
-    ee.provenance = contents.provenance
+    ee.provenance, ee.family = contents.provenance, contents.family
     return ee

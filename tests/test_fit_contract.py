@@ -9,8 +9,7 @@ from safetensors.torch import save_file
 
 import selfxit
 from selfxit.core.runtime import FINAL
-from selfxit.fit import conformal
-from selfxit.fit import procedure
+from selfxit.fit import conformal, procedure
 from selfxit.fit.config import FitConfig, FitConfigError
 from selfxit.fit.distill import DistillConfig
 from selfxit.zoo import load_backbone
@@ -130,3 +129,20 @@ def test_pruned_heads_leave_no_trace_in_any_record(collected):
     assert ee.thresholds == {} and np.isfinite(report.chosen_val.flops_fraction)
     assert procedure.head_specs(ee.candidates, None, {}) == {c.name: selfxit.core.heads.DEFAULT_HEAD
                                                             for c in ee.candidates}
+
+
+def test_the_certified_family_is_kept_and_gives_the_chosen_thresholds(collected, tmp_path):
+    ee, model, _ = collected
+    ee.fit(config=FAST.replace(method="certified", tolerance=0.2, near_chance_margin=-1), progress=False)
+    family = ee.family
+    assert family is not None and family.tolerance == 0.2 and family.scales[0] == 0.0
+    assert set(family.shape) <= set(ee.records)
+    if family.scale is None:
+        assert ee.thresholds == {}
+    else:
+        chosen = {k: v for k, v in family.thresholds(family.scale).items() if k in ee.thresholds}
+        assert chosen == pytest.approx(ee.thresholds)
+        assert family.stricter(family.scale) < family.scale and family.looser(family.scale) == family.scale
+    assert family.thresholds(0.0) == {layer: 1.0 for layer in family.shape}  # s = 0: no exit fires
+    ee.save(tmp_path / "b")
+    assert selfxit.load(tmp_path / "b", model).family == family

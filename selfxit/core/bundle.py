@@ -22,7 +22,7 @@ from torch import nn
 from selfxit.core import atomic
 from selfxit.core.candidates import Candidate
 from selfxit.core.conformal import ConformalCalibration
-from selfxit.core.exits import ExitRecord
+from selfxit.core.exits import CertifiedFamily, ExitRecord
 from selfxit.core.flops import counter_name
 from selfxit.core.gates import build_gate
 from selfxit.core.heads import build_head, concrete_spec
@@ -95,6 +95,7 @@ class BundleContents(NamedTuple):
     conformal: ConformalCalibration | None
     tolerance: float | None
     provenance: Provenance
+    family: CertifiedFamily | None  # None for bundles fitted without 'certified' (or before format 2)
 
 
 def save_model(ee, path: str | Path) -> Path:
@@ -113,6 +114,7 @@ def save_model(ee, path: str | Path) -> Path:
                    "gate": r.gate.spec() if r.gate is not None else None} for r in ee.records.values()],
         "conformal": ee.conformal.to_dict() if ee.conformal else None,
         "tolerance": ee.tolerance,
+        "certified_family": ee.family.to_dict() if getattr(ee, "family", None) is not None else None,
         "config": ee.config.to_dict() if getattr(ee, "config", None) is not None else None,
         "report": asdict(ee.report) if ee.report else None,
         "provenance": ee.provenance.to_dict(),
@@ -172,4 +174,6 @@ def read_model(path: str | Path, model: nn.Module) -> BundleContents:
     return BundleContents(tuple(manifest["input_shape"]), num_classes, candidates, int(manifest["backbone_flops"]),
                           records, manifest.get("gate", "confidence"),
                           ConformalCalibration.from_dict(raw_conformal) if raw_conformal else None,
-                          manifest.get("tolerance"), Provenance.from_dict(manifest.get("provenance", manifest.get("meta"))))
+                          manifest.get("tolerance"), Provenance.from_dict(manifest.get("provenance", manifest.get("meta"))),
+                          CertifiedFamily.from_dict(manifest["certified_family"]) if manifest.get("certified_family")
+                          else None)

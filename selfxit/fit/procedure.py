@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from selfxit.core.candidates import Candidate
-from selfxit.core.exits import ExitRecord
+from selfxit.core.exits import CertifiedFamily, ExitRecord
 from selfxit.core.flops import count_flops
 from selfxit.core.heads import DEFAULT_HEAD, build_head
 from selfxit.fit import conformal, select
@@ -34,10 +34,13 @@ SCORED = ("tune", "val", "test")
 
 
 class FitOutcome:
-    """What :func:`fit_exits` produced: the exit records, the gate mode, the calibration and the report."""
+    """What :func:`fit_exits` produced: the exit records, the gate mode, the calibration, the report and
+    (method 'certified') the certified family of thresholds."""
 
-    def __init__(self, records: dict[str, ExitRecord], gate: str, calibration, report: FitReport):
+    def __init__(self, records: dict[str, ExitRecord], gate: str, calibration, report: FitReport,
+                 family: CertifiedFamily | None = None):
         self.records, self.gate, self.calibration, self.report = records, gate, calibration, report
+        self.family = family
 
 
 def head_specs(candidates: list[Candidate], heads: dict | None, previous: dict[str, ExitRecord]) -> dict[str, dict]:
@@ -132,7 +135,7 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
         for name, gate in zip(layers, fitted.gates):
             records[name].gate = gate
 
-    results = choose_thresholds(stats, config)
+    results, cert = choose_thresholds(stats, config)
     if config.gate == "learned":  # the paper's rule and 'joint' could drop exits whose output a later gate reads
         results = {"certified": results["certified"]}
     thresholds, level = results[config.method]
@@ -141,7 +144,7 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
     baselines = {m: {s: summary(stats[s], th, layers) for s in ("val", "test") if len(rows[s])}
                  for m, (th, _) in results.items()}
     if config.gate == "learned":
-        th = choose_thresholds(confidence_stats, config)["certified"][0]
+        th = choose_thresholds(confidence_stats, config)[0]["certified"][0]
         baselines["confidence"] = {s: summary(confidence_stats[s], th, confidence_layers)
                                    for s in ("val", "test") if len(rows[s])}
     active = [int(k) for k in np.flatnonzero(np.isfinite(thresholds))]
@@ -152,7 +155,11 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
     report = FitReport(config.tolerance, config.method, level, reports, baselines[config.method]["val"],
                        baselines[config.method].get("test"), baselines, config.gate,
                        gating.config_dict(config.gate_config) if config.gate == "learned" else None, set_quality)
-    return FitOutcome(records, config.gate, calibration, report)
+    family = None
+    if config.method == "certified" and cert is not None and cert.shape is not None:
+        family = CertifiedFamily({layers[k]: float(cert.shape[k]) for k in np.flatnonzero(np.isfinite(cert.shape))},
+                                 cert.scale, cert.scales, config.tolerance, config.delta)
+    return FitOutcome(records, config.gate, calibration, report, family)
 
 
 def _stats(probs: list[torch.Tensor], n: int, top1: torch.Tensor, head_flops, remaining,
@@ -165,16 +172,18 @@ def _stats(probs: list[torch.Tensor], n: int, top1: torch.Tensor, head_flops, re
                             backbone_flops)
 
 
-def choose_thresholds(stats: dict[str, select.ExitStats], config: FitConfig) -> dict[str, tuple[np.ndarray, float]]:
+def choose_thresholds(stats: dict[str, select.ExitStats], config: FitConfig):
     """Thresholds per method: the paper's rule and the joint optimizer on val, and the certified cascade
-    (designed on 'tune', its scaled family tested on the untouched 'val' samples)."""
+    (designed on 'tune', its scaled family tested on the untouched 'val' samples); with the certification
+    (None when there is no exit to certify)."""
     val, tune = stats["val"], stats["tune"]
     if val.num_exits == 0:
         off = np.full(0, select.OFF)
-        return {m: (off, 1.0 - config.delta if m == "certified" else 0.0) for m in ("paper", "joint", "certified")}
+        return {m: (off, 1.0 - config.delta if m == "certified" else 0.0)
+                for m in ("paper", "joint", "certified")}, None
     paper = select.best_subset(val, config.tolerance, config.max_exits)
     off = np.full(val.num_exits, select.OFF)
     joint = select.best_within(select.joint_path(val, [paper, off], max_exits=config.max_exits), config.tolerance)
     cert = select.certified_cascade(tune, val, config.tolerance, config.delta, config.max_exits, config.design_factor)
     return {"paper": (paper, 0.0), "joint": (joint.thresholds, 0.0),
-            "certified": (cert.chosen.thresholds, cert.confidence_level)}
+            "certified": (cert.chosen.thresholds, cert.confidence_level)}, cert

@@ -155,13 +155,13 @@ def best_subset(stats: ExitStats, tolerance: float, max_exits: int | None = None
     while len(chosen) < max_exits:
         trials = []
         for k in set(k_all) - set(chosen):
-            subset = sorted(chosen + [k])
-            th = paper_thresholds(stats, subset, tolerance)
-            trials.append((subset_score(stats, th), subset, th))
-        score, subset, th = max(trials, key=lambda t: t[0])
+            grown = sorted(chosen + [k])
+            th = paper_thresholds(stats, grown, tolerance)
+            trials.append((subset_score(stats, th), grown, th))
+        score, grown, th = max(trials, key=lambda t: t[0])
         if score <= best_score:
             break
-        chosen, best, best_score = subset, th, score
+        chosen, best, best_score = grown, th, score
     return best
 
 
@@ -270,10 +270,13 @@ class Certification:
     accepted: int  # how many were accepted before the first failure
     confidence_level: float
     p_values: list[float] = field(default_factory=list)
+    shape: np.ndarray | None = None  # the designed shape whose scaled family was tested (OFF: inactive)
+    scale: float | None = None  # the chosen point's s in ``1 - s (1 - shape)``; None: nothing accepted
+    scales: list[float] = field(default_factory=list)  # the family's points, strict to loose
 
 
 def certify(path: list[CascadeResult], certify_stats: ExitStats, tolerance: float,
-            delta: float = 0.1) -> Certification:
+            delta: float = 0.1, scales=None) -> Certification:
     """Learn-then-Test: walk the path from safe to aggressive, keep going while each cascade's drop on
     the certification samples rejects "drop > tolerance" at level delta; keep the cheapest accepted.
 
@@ -283,8 +286,8 @@ def certify(path: list[CascadeResult], certify_stats: ExitStats, tolerance: floa
     n = certify_stats.confidence.shape[1]
     off = np.full(certify_stats.num_exits, OFF)
     chosen = evaluate_cascade(certify_stats, off)
-    p_values, accepted = [], 0
-    for point in path:
+    p_values, accepted, chosen_index = [], 0, None
+    for i, point in enumerate(path):
         measured = evaluate_cascade(certify_stats, point.thresholds)
         p = binomial_p_value(measured.errors, n, tolerance)
         p_values.append(p)
@@ -292,20 +295,28 @@ def certify(path: list[CascadeResult], certify_stats: ExitStats, tolerance: floa
             break
         accepted += 1
         if measured.flops_fraction < chosen.flops_fraction:
-            chosen = measured
-    return Certification(chosen, len(p_values), accepted, 1.0 - delta, p_values)
+            chosen, chosen_index = measured, i
+    scale = None if scales is None or chosen_index is None else float(scales[chosen_index])
+    return Certification(chosen, len(p_values), accepted, 1.0 - delta, p_values, scale=scale,
+                         scales=[] if scales is None else [float(s) for s in scales])
+
+
+SCALES = np.linspace(0.0, 3.0, 151)  # the certified family's points, strict (0: no exit fires) to loose
+
+
+def scaled_thresholds(shape: np.ndarray, scale: float) -> np.ndarray:
+    """The family member ``1 - s * (1 - shape)`` on the shape's active exits (OFF elsewhere)."""
+    shape = np.asarray(shape, dtype=np.float64)
+    thresholds = np.full(len(shape), OFF)
+    active = np.isfinite(shape)
+    thresholds[active] = 1.0 - scale * (1.0 - shape[active])
+    return thresholds
 
 
 def scaled_path(stats: ExitStats, shape: np.ndarray, scales=None) -> list[CascadeResult]:
     """Cascades ``1 - s * (1 - shape)`` on the shape's active exits, for s from strict (0) to loose (3)."""
-    scales = np.linspace(0.0, 3.0, 151) if scales is None else scales
-    active = np.isfinite(shape)
-    path = []
-    for s in scales:
-        thresholds = np.full(stats.num_exits, OFF)
-        thresholds[active] = 1.0 - s * (1.0 - shape[active])
-        path.append(evaluate_cascade(stats, thresholds))
-    return path
+    scales = SCALES if scales is None else scales
+    return [evaluate_cascade(stats, scaled_thresholds(shape, s)) for s in scales]
 
 
 def certified_cascade(design: ExitStats, certify_stats: ExitStats, tolerance: float, delta: float = 0.1,
@@ -318,4 +329,6 @@ def certified_cascade(design: ExitStats, certify_stats: ExitStats, tolerance: fl
     loose = tolerance * design_factor
     starts = [best_subset(design, loose, max_exits), off]
     shape = best_within(joint_path(design, starts, max_exits=max_exits), loose).thresholds
-    return certify(scaled_path(design, shape), certify_stats, tolerance, delta)
+    result = certify(scaled_path(design, shape), certify_stats, tolerance, delta, scales=SCALES)
+    result.shape = shape
+    return result
