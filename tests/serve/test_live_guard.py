@@ -1,0 +1,81 @@
+"""The live guard's sequential test and its moves along the certified family (no server needed)."""
+import math
+
+import numpy as np
+import pytest
+
+from selfxit.core.exits import CertifiedFamily
+from selfxit.serve.live_guard import BettingTest, GuardConfig, LiveGuard
+
+T, ALPHA = 0.05, 0.05
+
+
+def _first_rejection(test: BettingTest, xs) -> int | None:
+    for i, x in enumerate(xs):
+        if test.update(x):
+            return i + 1
+    return None
+
+
+def test_false_alarms_stay_below_alpha_at_the_boundary():
+    """Traffic exactly at the tolerance (the worst case the promise allows), read after every sample."""
+    rng = np.random.default_rng(0)
+    runs = 300
+    alarms = sum(_first_rejection(BettingTest(T, ALPHA), rng.random(4000) < T) is not None for _ in range(runs))
+    assert alarms / runs <= ALPHA + 3 * math.sqrt(ALPHA * (1 - ALPHA) / runs)
+
+
+def test_detection_delay_is_within_twice_the_fixed_sample_test():
+    """At T = 5% and a drop of 7.5%, a one-sided binomial test at alpha 0.05 with power 0.8 needs ~540 samples;
+    after a long clean stretch the guard must alarm within about twice that on average."""
+    rng = np.random.default_rng(1)
+    delays = []
+    for _ in range(80):
+        test = BettingTest(T, ALPHA)
+        assert _first_rejection(test, rng.random(3000) < 0.035) is None  # clean: no alarm
+        delays.append(_first_rejection(test, rng.random(20000) < 0.075))
+    assert None not in delays and np.mean(delays) <= 2 * 540
+
+
+def test_clean_traffic_costs_no_wealth():
+    test = BettingTest(T, ALPHA)
+    for x in np.zeros(5000):
+        test.update(x)
+    assert test.log_wealth == 0.0  # the estimate never leaned against the promise, so nothing was bet
+
+
+FAMILY = CertifiedFamily({"layer1": 0.9, "layer2": 0.8}, 1.0, [0.0, 0.5, 1.0, 1.5], T, 0.1)
+
+
+def _sample(rng, wrong_rate):
+    """A shadow sample whose first exit fires at the certified scale and is wrong with ``wrong_rate``."""
+    backbone = 3
+    first = backbone if rng.random() >= wrong_rate else 4
+    return backbone, [first, backbone], [0.95, 0.99]
+
+
+def test_guard_tightens_on_drift_then_relaxes_when_it_ends():
+    guard = LiveGuard(FAMILY, GuardConfig(alpha=ALPHA, base_shadow=0.02, max_shadow=0.3))
+    rng = np.random.default_rng(2)
+    assert guard.thresholds() == pytest.approx({"layer1": 0.9, "layer2": 0.8})
+    moves = [guard.observe(*_sample(rng, 0.3)) for _ in range(2000)]
+    first = next(m for m in moves if m is not None)
+    assert first.kind == "tighten" and first.from_scale == 1.0 and first.to_scale == 0.5
+    assert guard.alarmed and guard.shadow_fraction == 0.3
+    # at 0.5 the thresholds are 0.95 / 0.9: the wrong exit (score 0.95) still fires, so the guard goes on down
+    assert guard.scale == 0.0 and guard.thresholds() == {"layer1": 1.0, "layer2": 1.0}
+    snap = guard.snapshot()
+    assert snap["alarmed"] and snap["scale"] == 0.0 and snap["certified_scale"] == 1.0 and snap["tightened"] == 2
+    for _ in range(6000):  # the drift is over: the looser scales agree again
+        guard.observe(*_sample(rng, 0.0))
+    assert guard.scale == 1.0 and not guard.alarmed and guard.shadow_fraction == 0.02
+    assert [m.kind for m in guard.moves] == ["tighten", "tighten", "relax", "relax"]
+
+
+def test_guard_refuses_what_it_cannot_guard():
+    with pytest.raises(ValueError, match="without --guard"):
+        LiveGuard(CertifiedFamily({"layer1": 0.9}, None, [0.0, 1.0], T, 0.1))
+    with pytest.raises(ValueError, match="--guard-alpha"):
+        GuardConfig(alpha=1.5)
+    with pytest.raises(ValueError, match="--guard-max-shadow"):
+        GuardConfig(base_shadow=0.1, max_shadow=0.05)
