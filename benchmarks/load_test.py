@@ -44,7 +44,7 @@ class Server:
         cmd = [sys.executable, "-m", "selfxit", "serve", "--bundle", str(args.bundle), "--model", args.model,
                "--host", "127.0.0.1", "--port", str(self.port), "--max-wait-ms", str(args.max_wait_ms),
                "--max-batch", str(max(64, args.images_per_request)), "--reload-poll-s", "0",
-               "--threads", str(args.server_threads)]
+               "--threads", str(args.server_threads), "--max-queue-wait-ms", str(args.max_queue_wait_ms)]
         if args.weights:
             cmd += ["--weights", str(args.weights)]
         if plain:
@@ -147,6 +147,9 @@ def main() -> None:
                    help="torch threads per server (default 1: the client needs a core too, and spinning "
                         "OpenMP threads on busy shared cores make every batch wait for the slowest)")
     p.add_argument("--warmup", type=int, default=40, help="unmeasured requests before each level")
+    p.add_argument("--max-queue-wait-ms", type=float, default=60_000,
+                   help="the servers' admission deadline (default 60 s: off, so capacity is measured, not shed; "
+                        "503s would count as errors)")
     p.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     args = p.parse_args()
     if args.requests < 1 or args.max_seconds <= 0:

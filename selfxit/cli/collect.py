@@ -53,6 +53,7 @@ def run_collect(args) -> dict:
     from tqdm import tqdm
 
     from selfxit.ops.shift import check_shift
+    from selfxit.ops.signals import raise_on_signals
     from selfxit.ops.traffic import TrafficLog, TrafficLogError, TrafficRecord, record_input
     from selfxit.zoo.data import ImageFolderData
     from selfxit.zoo.images import CorruptImageError
@@ -85,8 +86,10 @@ def run_collect(args) -> dict:
         counts["records"] += len(pending)
         pending.clear()
 
-    try:
-        with TrafficLog(args.log) as log, tqdm(total=n, desc="collect", unit="img") as bar:
+    try:  # SIGTERM/SIGINT raise, so closing the log flushes what is buffered before the process ends
+        with raise_on_signals(), TrafficLog(args.log) as log, tqdm(total=n, desc="collect", unit="img") as bar:
+            if log.removed:
+                bar.write(f"removed {len(log.removed)} file(s) left in {args.log} by writers that died")
             # in a seeded random order, as traffic arrives: file order is class order in an ImageFolder
             # layout, and retrain holds back the newest records, which must not be a few classes
             for i in np.random.default_rng(args.seed + 1).permutation(len(dataset.paths)).tolist():

@@ -16,15 +16,21 @@ def run_retrain(args) -> None:
     """Run the nightly job once: retrain on the window, publish only if the candidate passes validation,
     then apply log retention (after the window has been read)."""
     from selfxit.ops.retrain import RetrainConfig, parse_duration, retrain, summary
+    from selfxit.ops.signals import Interrupted
     from selfxit.ops.versions import BundleStore
     config = RetrainConfig(since=parse_duration(args.since) if args.since != "all" else None,
                            holdout_fraction=args.holdout, tolerance=args.tolerance, min_records=args.min_records,
-                           seed=args.seed, epochs=args.epochs, keep=args.keep)
+                           seed=args.seed, epochs=args.epochs, keep=args.keep, work_dir=args.work_dir)
     if not Path(args.log).exists() and "://" not in str(args.log):
         raise FileNotFoundError(f"traffic log not found: {args.log} (write one with `selfxit serve --log` or `selfxit collect`)")
     model, info = load_backbone(args)
     store = BundleStore(args.out, keep=args.keep)
-    result = retrain(args.log, store, model, info, config, current_bundle=args.bundle, progress=not args.json)
+    try:
+        result = retrain(args.log, store, model, info, config, current_bundle=args.bundle, progress=not args.json)
+    except Interrupted as e:  # SIGTERM / SIGINT: the working folder is already removed
+        print(f"selfxit retrain: {e}; its working folder was removed; current version: {store.current()}",
+              file=sys.stderr)
+        raise
     out = result.to_dict()
     if args.keep_log or args.max_log_bytes:  # retention, after the window has been used
         from selfxit.ops.traffic import TrafficLog
@@ -79,6 +85,8 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=10, help="distillation epochs (heads are warm-started)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", type=int, default=5, help="published versions kept")
+    p.add_argument("--work-dir", help="parent of the run's working folder (the medial dataset; tens of GB at "
+                                      "224x224); default BUNDLES/.work. Removed when the run ends")
     p.add_argument("--keep-log", help="after the job, delete log shards older than this (e.g. 7d)")
     p.add_argument("--max-log-bytes", type=int, help="after the job, delete the oldest log shards beyond this size")
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -7,13 +7,13 @@ uvicorn when the server is actually started.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
+import os
 from pathlib import Path
 
 from selfxit.cli.common import add_model_args, load_backbone, quiet_libraries
 from selfxit.extras import require_extra
-from selfxit.serve.config import ServeConfig
+from selfxit.serve.config import ServeConfig, is_loopback
 
 log = logging.getLogger("selfxit.serve.app")  # the server logs under one name, as before the split
 
@@ -32,7 +32,23 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-microbatch", type=int, default=d.max_microbatch, help="items per early-exit run")
     p.add_argument("--max-queue-items", type=int, default=d.max_queue_items)
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="pixels per image")
+    p.add_argument("--max-request-pixels", type=int, default=d.max_request_pixels,
+                   help="decoded pixels per request, summed from the image headers before decoding "
+                        "(default: max-batch x 512 x 512)")
+    p.add_argument("--max-queue-wait-ms", type=float, default=d.max_queue_wait_ms,
+                   help="refuse (503 + Retry-After) a request expected to wait longer than this in the queue")
     p.add_argument("--timeout-s", type=float, default=d.request_timeout_s, help="request timeout")
+    p.add_argument("--read-timeout-s", type=float, default=d.read_timeout_s,
+                   help="a request's head, then its body, must arrive within this (else the connection closes / 408)")
+    p.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s,
+                   help="on SIGTERM, how long in-flight requests get to finish")
+    p.add_argument("--admin-token", default=os.environ.get("SELFXIT_ADMIN_TOKEN"),
+                   help="bearer token POST /v1/reload requires (default: $SELFXIT_ADMIN_TOKEN; prefer the "
+                        "variable, a command line is visible to other users)")
+    p.add_argument("--trusted-network", action="store_true",
+                   help="allow a non-loopback --host without an admin token (everyone there may reload)")
+    p.add_argument("--no-docs", dest="docs", action="store_false", help="turn off /docs, /redoc and /openapi.json")
     p.add_argument("--reload-poll-s", type=float, default=d.reload_poll_s, help="bundle polling period; 0: off")
     p.add_argument("--log", help="traffic log folder or fsspec URL to append sampled traffic to (default: none)")
     p.add_argument("--log-fraction", type=float, default=d.log_fraction, help="fraction of items logged")
@@ -49,16 +65,13 @@ def config_from_args(args) -> ServeConfig:
     return ServeConfig(bundle=args.bundle, model=args.model, weights=args.weights, plain=args.plain,
                        host=args.host, port=args.port, max_wait_ms=args.max_wait_ms, max_batch=args.max_batch,
                        max_microbatch=args.max_microbatch, max_queue_items=args.max_queue_items,
-                       max_body_bytes=args.max_body_bytes, request_timeout_s=args.timeout_s,
+                       max_body_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels,
+                       max_request_pixels=args.max_request_pixels, max_queue_wait_ms=args.max_queue_wait_ms,
+                       request_timeout_s=args.timeout_s, read_timeout_s=args.read_timeout_s,
+                       drain_timeout_s=args.drain_timeout_s, admin_token=args.admin_token or None,
+                       trusted_network=args.trusted_network, docs=args.docs,
                        reload_poll_s=args.reload_poll_s, log=args.log, log_fraction=args.log_fraction,
                        shadow_fraction=args.shadow_fraction)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def run(args) -> None:
@@ -66,20 +79,22 @@ def run(args) -> None:
     quiet_libraries()
     require_extra("serve", "selfxit serve")
     import torch
-    import uvicorn
 
     from selfxit.serve.app import create_app
     from selfxit.serve.reload import BundleLoader
+    from selfxit.serve.server import run as serve_app
 
     config = config_from_args(args)
-    config.validate()
+    try:
+        config.validate()  # before a model is loaded for nothing
+    except ValueError as exc:
+        raise SystemExit(f"selfxit serve: {exc}") from None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not _is_loopback(config.host):
-        log.warning("binding %s: the server (including POST /v1/reload) is reachable beyond this machine",
-                    config.host)
+    if not is_loopback(config.host):
+        log.warning("binding %s: the server is reachable beyond this machine (POST /v1/reload %s)", config.host,
+                    "needs the admin token" if config.admin_token else "is open: --trusted-network")
     backbone, info = load_backbone(args)
     app = create_app(BundleLoader.from_backbone(args.bundle, backbone, info, plain=args.plain), config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level,
-                ws_max_size=config.max_body_bytes, timeout_graceful_shutdown=5)
+    serve_app(app, config, log_level=args.log_level)

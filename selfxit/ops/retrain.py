@@ -16,29 +16,39 @@ Steps (``retrain``):
    Otherwise the current bundle stays and the result says why.
 
 Publishing goes through :class:`selfxit.ops.versions.BundleStore` (atomic; last N kept; rollback). The
-candidate is built in a temporary folder, so a job killed at any point leaves the published bundle
-untouched. A bundle records the digest of the window it was trained on; running the job again on
-the same window with that bundle current does nothing.
+candidate is built in a private working folder (``RetrainConfig.work_dir``, by default
+``BUNDLES/.work/selfxit-<host>-<pid>-<random>``, never the system temp dir: at 224x224 the medial dataset is
+tens of GB), so a job killed at any point leaves the published bundle untouched. The working folder
+is removed on every exit path, SIGTERM and SIGINT included (:func:`selfxit.ops.signals.raise_on_signals`);
+SIGKILL cannot be caught, so each run starts by removing what dead runs on this host left behind
+(their working folders, the store's staging folders, the log's temporaries) and reports it in
+``RetrainResult.removed``. A bundle records the digest of the window it was trained on; running the
+job again on the same window with that bundle current does nothing.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
-import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from selfxit.api import EarlyExitModel, load, wrap
+from selfxit.core.atomic import remove_stale_work_dirs, work_dir
 from selfxit.core.provenance import RetrainProvenance
 from selfxit.evaluate.evaluation import evaluate
 from selfxit.fit.distill import DistillConfig
+from selfxit.ops.signals import raise_on_signals
 from selfxit.ops.traffic import TrafficLog, record_input
 from selfxit.ops.versions import BundleStore
 
+WORK = ".work"  # default parent of the working folders, inside the bundle store
+logger = logging.getLogger("selfxit.ops.retrain")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -67,6 +77,7 @@ class RetrainConfig:
     augment_copies: int = 2
     epochs: int = 10  # warm-started heads need fewer epochs than fresh ones
     keep: int = 5  # published versions kept
+    work_dir: str | Path | None = None  # parent of the run's working folder; default BUNDLES/.work
 
     def __post_init__(self):
         if not 0 < self.holdout_fraction < 1:
@@ -101,6 +112,8 @@ class RetrainResult:
     current: BundleCheck | None = None
     candidate: BundleCheck | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)  # left by runs/publishers/writers that died, removed at start
+    work_dir: str | None = None  # this run's working folder (removed when the run ends)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,10 +158,29 @@ def retrain(log: str | Path | TrafficLog, store: BundleStore, model: torch.nn.Mo
     ``store`` receives the new version; ``current_bundle`` defaults to the store's current version
     (when the store is empty, ``current_bundle`` is published into it first as version 1, so that
     there is always a version to roll back to). ``info`` is the backbone's ``ModelInfo``.
+
+    SIGTERM and SIGINT raise :class:`selfxit.ops.signals.Interrupted` (a SystemExit) while it runs, so the
+    working folder is removed and a publish in progress completes or is undone.
     """
     config = config or RetrainConfig()
+    with raise_on_signals():
+        return _retrain(log, store, model, info, config, current_bundle, progress)
+
+
+def _remove_litter(store: BundleStore, work_root: Path) -> list[str]:
+    """What dead runs on this host left: working folders, the store's staging folders and markers."""
+    removed = [str(p) for p in store.clean()] + [str(p) for p in remove_stale_work_dirs(work_root)]
+    if removed:
+        logger.info("retrain: removed %d item(s) left by runs that died: %s", len(removed), ", ".join(removed[:10]))
+    return removed
+
+
+def _retrain(log_location, store: BundleStore, model: torch.nn.Module, info, config: RetrainConfig,
+             current_bundle, progress: bool) -> RetrainResult:
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    work_root = Path(config.work_dir) if config.work_dir is not None else store.root / WORK
+    removed = _remove_litter(store, work_root)
     if store.current() is None:
         if current_bundle is None:
             raise ValueError(f"{store.root} has no published bundle: pass the bundle serving now (--bundle)")
@@ -158,11 +190,14 @@ def retrain(log: str | Path | TrafficLog, store: BundleStore, model: torch.nn.Mo
     tolerance = config.tolerance if config.tolerance is not None else current.tolerance
     if tolerance is None:
         raise ValueError("the current bundle records no tolerance: pass one (--tolerance)")
-    traffic = log if isinstance(log, TrafficLog) else TrafficLog(log)
+    traffic = log_location if isinstance(log_location, TrafficLog) else TrafficLog(log_location)
+    if not isinstance(log_location, TrafficLog):
+        removed += traffic.removed  # the log's own open removed what its dead writers left
     since = time.time() - config.since if config.since is not None else None
     records = sorted(traffic.read(since=since), key=lambda r: r.timestamp)
     digest = window_digest(records)
-    result = RetrainResult(False, store.current(), "", len(records), tolerance=tolerance, window_digest=digest)
+    result = RetrainResult(False, store.current(), "", len(records), tolerance=tolerance, window_digest=digest,
+                           removed=removed)
     if len(records) < config.min_records:
         result.reason = f"only {len(records)} records in the window (min_records {config.min_records}): nothing done"
         return result
@@ -175,8 +210,10 @@ def retrain(log: str | Path | TrafficLog, store: BundleStore, model: torch.nn.Mo
     train_inputs, holdout = inputs[:cut], inputs[cut:]
     result.train_records, result.holdout_records = len(train_inputs), len(holdout)
 
-    work = Path(tempfile.mkdtemp(prefix="selfxit-retrain-"))
+    work = None
     try:
+        work = work_dir(work_root)
+        result.work_dir = str(work)
         t = time.perf_counter()
         candidate = wrap(model, torch.zeros(1, *current.input_shape),
                          candidate_layers=[c.name for c in current.candidates])
@@ -210,7 +247,11 @@ def retrain(log: str | Path | TrafficLog, store: BundleStore, model: torch.nn.Mo
             result.version = store.publish(staged, reason=reason)
             result.published = True
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+            if work.exists():
+                warnings.warn(f"retrain: could not remove its working folder {work}; the next run removes it",
+                              stacklevel=2)
         timings["total"] = time.perf_counter() - start
         result.seconds = {k: round(v, 1) for k, v in timings.items()}
     return result
@@ -227,4 +268,7 @@ def summary(result: RetrainResult) -> str:
                          f"(tolerance {result.tolerance:g})")
     if result.seconds:
         lines.append("seconds: " + ", ".join(f"{k} {v:g}" for k, v in result.seconds.items()))
+    if result.removed:
+        shown = ", ".join(result.removed[:5]) + (f" and {len(result.removed) - 5} more" if len(result.removed) > 5 else "")
+        lines.append(f"removed {len(result.removed)} item(s) left by runs that died: {shown}")
     return "\n".join(lines)

@@ -5,6 +5,8 @@ from :class:`ServeConfig`) answers without importing torch or FastAPI.
 """
 from __future__ import annotations
 
+import ipaddress
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,15 @@ class ServeConfig:
     max_queue_items: int = 4096  # queued items beyond this get 503
     max_body_bytes: int = 8 << 20  # also the WebSocket message limit
     max_image_pixels: int = 4096 * 4096
+    # decoded pixels per request, summed from the image headers before any is decoded; None: max_batch x 512 x 512
+    max_request_pixels: int | None = None
     request_timeout_s: float = 30.0
+    max_queue_wait_ms: float = 1000.0  # a request expected to wait longer than this in the queue gets 503 at once
+    read_timeout_s: float = 10.0  # a request's head, then its body, must arrive within this long (else 408/close)
+    drain_timeout_s: float = 10.0  # on SIGTERM: how long in-flight requests get to finish
+    admin_token: str | None = None  # bearer token for state-changing routes (POST /v1/reload)
+    trusted_network: bool = False  # allow a non-loopback host without an admin token
+    docs: bool = True  # serve /docs, /redoc and /openapi.json
     reload_poll_s: float = 1.0  # 0 turns off watching the bundle folder
     log: str | None = None  # traffic log directory or fsspec URL (see selfxit.serve.monitor); None: no logging
     log_fraction: float = 0.1  # fraction of served items appended to the log
@@ -43,6 +53,38 @@ class ServeConfig:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.request_timeout_s <= 0 or self.reload_poll_s < 0:
             raise ValueError("max_wait_ms and reload_poll_s must be >= 0 and request_timeout_s > 0")
+        if self.max_request_pixels is not None and self.max_request_pixels < 1:
+            raise ValueError(f"max_request_pixels must be at least 1 (or None); got {self.max_request_pixels}")
+        for name in ("max_queue_wait_ms", "read_timeout_s", "drain_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number; got {value}")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ValueError("admin_token must be at least 16 characters (a guessable token protects nothing)")
+        if not is_loopback(self.host) and not self.admin_token and not self.trusted_network:
+            raise ValueError(f"refusing to bind {self.host!r} without an admin token: anyone who can reach it could "
+                             "reload the bundle. Set --admin-token (or SELFXIT_ADMIN_TOKEN), or pass "
+                             "--trusted-network if every host on that network may administer this server")
+
+    @property
+    def request_pixels(self) -> int:
+        """The per-request pixel budget: ``max_request_pixels``, or by default max_batch x 512 x 512.
+
+        Why 512 x 512 per item: decoding costs CPU in proportion to pixels, and the model sees every image
+        resized to its own input (32 x 32 or 224 x 224), so larger uploads buy nothing. 512 x 512 covers
+        typical photos sent at ImageNet scale with room to spare, and with the default max_batch of 64 the
+        budget equals max_image_pixels (4096 x 4096): one image at the single-image limit still fits, while
+        a request costs at most about one full-size decode instead of 64 of them.
+        """
+        return self.max_request_pixels if self.max_request_pixels is not None else self.max_batch * 512 * 512
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, 'localhost')."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 @dataclass

@@ -54,7 +54,7 @@ class BundleLoader:
 
 def now() -> str:
     """UTC now, to the second, for /healthz."""
-    return _dt.datetime.now(_dt.timezone.utc)  # noqa: UP017 (3.10).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")  # noqa: UP017 (3.10)
 
 
 class Served:
@@ -102,12 +102,20 @@ def check_compatible(new, old) -> None:
 class Reloader:
     """The served bundle and its reloads; the first bundle is loaded in the constructor (errors raise there)."""
 
-    def __init__(self, loader: Callable[[], Any], bundle: Path | None, on_reload: Callable[[bool], None]):
-        self._loader, self.bundle, self._on_reload = loader, bundle, on_reload
+    def __init__(self, loader: Callable[[], Any], bundle: Path | None, on_reload: Callable[[bool], None],
+                 prepare: Callable[[Any], None] | None = None):
+        # prepare(ee) runs on each loaded model before it serves (off the event loop): a warm-up; errors refuse it
+        self._loader, self.bundle, self._on_reload, self._prepare = loader, bundle, on_reload, prepare
         self.seen = signature(bundle)
-        self.served = Served(loader(), 1, bundle, manifest_sha256(bundle))
+        self.served = Served(self._load(), 1, bundle, manifest_sha256(bundle))
         self.last_reload: dict | None = None
         self._lock = asyncio.Lock()
+
+    def _load(self):
+        ee = self._loader()
+        if self._prepare is not None:
+            self._prepare(ee)
+        return ee
 
     @property
     def degraded(self) -> bool:
@@ -121,7 +129,7 @@ class Reloader:
             sha = manifest_sha256(self.bundle)
             old = self.served
             try:
-                ee = await asyncio.to_thread(self._loader)
+                ee = await asyncio.to_thread(self._load)
                 check_compatible(ee, old.ee)
             except Exception as exc:
                 message = f"{type(exc).__name__}: {exc}"

@@ -7,18 +7,23 @@ naming the problem); the front end turns it into its own error response.
 """
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from selfxit.zoo.images import CorruptImageError, ImageLimitError, open_rgb
+from selfxit.serve.schema import MAX_ABS_INPUT, MAX_JSON_DEPTH, TensorBody, describe_errors
+from selfxit.zoo.images import CorruptImageError, ImageLimitError, image_header, open_rgb
 
 IMAGE_TYPES = {"image/jpeg", "image/jpg", "image/png", "application/octet-stream"}
 IMAGE_FORMATS = ("JPEG", "PNG")
@@ -28,11 +33,17 @@ _LIMIT_STATUS = {"format": 415, "pixels": 413}
 
 
 class ApiError(Exception):
-    """A request the server refuses: HTTP status and a message naming the problem."""
+    """A request the server refuses: HTTP status, a message naming the problem, and extra response headers."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
+
+
+def busy(message: str, wait_s: float) -> ApiError:
+    """A 503 telling the client when to come back (``Retry-After``, whole seconds, at least 1)."""
+    retry = max(1, int(-(-wait_s // 1)))
+    return ApiError(503, f"{message}; retry after {retry} s", {"Retry-After": str(retry)})
 
 
 @dataclass(frozen=True)
@@ -42,11 +53,14 @@ class RequestLimits:
     max_batch: int = 64
     max_body_bytes: int = 8 << 20
     max_image_pixels: int = 4096 * 4096
+    max_request_pixels: int = 64 * 512 * 512
+    read_timeout_s: float = 10.0
 
     @classmethod
     def of(cls, config) -> RequestLimits:
-        """The limits of anything with the three attributes (a ServeConfig)."""
-        return cls(config.max_batch, config.max_body_bytes, config.max_image_pixels)
+        """The limits of a ServeConfig."""
+        return cls(config.max_batch, config.max_body_bytes, config.max_image_pixels, config.request_pixels,
+                   config.read_timeout_s)
 
 
 def content_type(header: str | None) -> str:
@@ -76,16 +90,13 @@ def sets_alpha(value: Any, where: str) -> float | None:
     return alpha
 
 
-def json_tensor(payload: Any, max_batch: int) -> torch.Tensor:
-    """``{"inputs": [...], "dtype": ...}`` -> a float tensor; the shape is checked later against the model."""
-    if not isinstance(payload, dict) or "inputs" not in payload:
-        raise ApiError(400, 'JSON body must be an object {"inputs": [[...]]} holding a [B, C, H, W] tensor')
-    dtype_name = payload.get("dtype", "float32")
-    if dtype_name not in FLOAT_DTYPES:
-        raise ApiError(400, f"dtype must be one of {sorted(FLOAT_DTYPES)} (normalised images); got {dtype_name!r}")
-    inputs = payload["inputs"]
-    if not isinstance(inputs, list):
-        raise ApiError(400, f"inputs must be a nested list [B, C, H, W] of numbers; got {type(inputs).__name__}")
+def tensor_of(inputs: list, dtype: str, max_batch: int) -> torch.Tensor:
+    """Validated ``inputs`` -> a float32 tensor: rectangular, numbers only, finite, within ±MAX_ABS_INPUT.
+
+    Finiteness and the bound are checked on the numbers as sent: 1e39 is a finite float64 but an infinite
+    float32 (what the model runs in), and would come back as a NaN probability; within ±MAX_ABS_INPUT every
+    dtype holds every value finitely. The shape is checked later, against the model.
+    """
     if len(inputs) > max_batch:
         raise ApiError(413, f"batch of {len(inputs)} items exceeds max_batch {max_batch}")
     try:
@@ -93,26 +104,90 @@ def json_tensor(payload: Any, max_batch: int) -> torch.Tensor:
     except ValueError as exc:
         raise ApiError(400, f"inputs must be a rectangular nested list [B, C, H, W] (ragged: {exc})") from exc
     if array.dtype.kind not in "fiu":
-        kind = {"b": "booleans", "U": "strings", "O": "mixed or null values"}.get(array.dtype.kind, str(array.dtype))
+        kind = {"b": "booleans", "U": "strings", "O": "nulls, huge integers or mixed values"}.get(
+            array.dtype.kind, str(array.dtype))
         raise ApiError(400, f"inputs must be numbers (float dtype); got {kind}")
-    array = array.astype(FLOAT_DTYPES[dtype_name])
-    if not np.isfinite(array).all():
-        raise ApiError(400, "inputs contain NaN or infinity")
-    return torch.from_numpy(array).float()
+    with np.errstate(over="ignore", invalid="ignore"):
+        wide = array.astype(np.float64)  # the numbers as sent (huge integers become inf here)
+        finite = np.isfinite(wide)
+        if not finite.all():
+            where = [int(i) for i in np.argwhere(~finite)[0]]
+            raise ApiError(400, f"inputs must be finite numbers: inputs{where} is NaN, infinite or too large to be "
+                                "a float")
+        peak = float(np.abs(wide).max()) if wide.size else 0.0
+        if peak > MAX_ABS_INPUT:  # within the bound, every dtype (float16 included) holds the value finitely
+            raise ApiError(400, f"inputs must be finite, normalised values within ±{MAX_ABS_INPUT:g}; got |x| up to {peak:g}")
+        array = wide.astype(FLOAT_DTYPES[dtype]).astype(np.float32, copy=False)  # the precision asked, then float32
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+_DEPTH_STEP = np.zeros(256, np.int8)
+_DEPTH_STEP[[ord("["), ord("{")]] = 1
+_DEPTH_STEP[[ord("]"), ord("}")]] = -1
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _bracket_depth(raw: bytes) -> int:
+    if not raw:
+        return 0
+    return max(0, int(np.cumsum(_DEPTH_STEP[np.frombuffer(raw, np.uint8)], dtype=np.int32).max()))
+
+
+def check_depth(data: bytes | str, what: str = "body", limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse (400) JSON nested deeper than ``limit``, from the raw text, before any parser recurses into it.
+
+    Counted with numpy over the bytes (linear, no recursion); brackets inside strings are only taken out
+    (a second, regex pass) when the first count is over the limit, so the usual body costs one pass.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    depth = _bracket_depth(raw)
+    if depth > limit and b'"' in raw:
+        depth = _bracket_depth(_JSON_STRING.sub(b'""', raw))
+    if depth > limit:
+        raise ApiError(400, f"{what} JSON is nested {depth} levels deep; the limit is {limit} "
+                            "(a [B, C, H, W] tensor in an object needs 5)")
 
 
 def load_json(data: bytes | str, what: str = "body") -> Any:
-    """Decode JSON, refusing (400) what does not parse; ``what`` names it in the message."""
+    """Decode JSON, refusing (400) what is too deeply nested or does not parse; ``what`` names it."""
+    check_depth(data, what)
     try:
         return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and ints over Python's digit limit
         raise ApiError(400, f"{what} is not valid JSON: {exc}") from exc
 
 
-def parse_json_body(body: bytes, max_batch: int) -> tuple[torch.Tensor, Any]:
-    """(the tensor, the body's "sets" value or None) of a JSON predict body (CPU-bound: run it off the loop)."""
-    payload = load_json(body)
-    return json_tensor(payload, max_batch), payload.get("sets")
+Body = TypeVar("Body", bound=TensorBody)
+
+
+def parse_tensor_json(data: bytes | str, max_batch: int, model: type[Body] = TensorBody,  # type: ignore[assignment]
+                      what: str = "body") -> tuple[torch.Tensor, Body]:
+    """(the tensor, the validated body) of a JSON body or message (CPU-bound: run it off the loop).
+
+    The depth is bounded before parsing; the structure (object, ``inputs`` list, ``dtype``, ``sets``) is
+    checked by the pydantic model that ``/openapi.json`` publishes; the numbers by :func:`tensor_of`.
+    """
+    check_depth(data, what)
+    try:
+        body = model.model_validate_json(data)
+    except ValidationError as exc:
+        raise ApiError(400, describe_errors(exc, what)) from None
+    return tensor_of(body.inputs, body.dtype, max_batch), body
+
+
+def json_tensor(payload: Any, max_batch: int) -> torch.Tensor:
+    """An already decoded ``{"inputs": [...], "dtype": ...}`` -> a float tensor (for front ends that parse JSON)."""
+    try:
+        body = TensorBody.model_validate(payload)
+    except ValidationError as exc:
+        raise ApiError(400, describe_errors(exc, "JSON body")) from None
+    return tensor_of(body.inputs, body.dtype, max_batch)
+
+
+def parse_json_body(body: bytes, max_batch: int) -> tuple[torch.Tensor, float | None]:
+    """(the tensor, the body's "sets" alpha or None) of a JSON predict body (CPU-bound: run it off the loop)."""
+    x, parsed = parse_tensor_json(body, max_batch, TensorBody)
+    return x, parsed.sets
 
 
 def decode_image(data: bytes, name: str, transform: Callable, max_pixels: int) -> torch.Tensor:
@@ -130,10 +205,39 @@ def decode_image(data: bytes, name: str, transform: Callable, max_pixels: int) -
     return transform(rgb)
 
 
-def decode_images(blobs: list[tuple[str, bytes]], transform: Callable | None, max_pixels: int) -> torch.Tensor:
-    """Named encoded images -> one batch [B, C, H, W] (CPU-bound: run it off the loop)."""
+def check_pixels(blobs: list[tuple[str, bytes]], max_pixels: int, max_request_pixels: int) -> int:
+    """The request's total pixels, read from the image headers only; 413 over either limit, 400 if unreadable.
+
+    Decoding costs CPU in proportion to pixels and a small file can hold a huge image (a flat 4096 x 4096
+    PNG is a few kB), so the bytes limit bounds nothing here: the sum of width x height is what is bounded.
+    """
+    total, largest = 0, (0, 0)
+    for name, data in blobs:
+        try:
+            _, width, height = image_header(data, name)
+        except CorruptImageError as exc:
+            raise ApiError(400, str(exc)) from exc
+        if width * height > max_pixels:
+            raise ApiError(413, f"{name}: {width}x{height} pixels exceeds max_image_pixels {max_pixels}")
+        total += width * height
+        largest = max(largest, (width, height), key=lambda wh: wh[0] * wh[1])
+    if total > max_request_pixels:
+        raise ApiError(413, f"the {len(blobs)} images hold {total:,} pixels (largest {largest[0]}x{largest[1]}), "
+                            f"over max_request_pixels {max_request_pixels:,} per request: send fewer or smaller "
+                            "images (each is resized to the model's input anyway)")
+    return total
+
+
+def decode_images(blobs: list[tuple[str, bytes]], transform: Callable | None, max_pixels: int,
+                  max_request_pixels: int | None = None) -> torch.Tensor:
+    """Named encoded images -> one batch [B, C, H, W] (CPU-bound: run it off the loop).
+
+    With ``max_request_pixels``, every header is read and the total checked before the first pixel is decoded.
+    """
     if transform is None:
         raise ApiError(415, "this server has no image preprocessing; send a JSON tensor")
+    if max_request_pixels is not None:
+        check_pixels(blobs, max_pixels, max_request_pixels)
     return torch.stack([decode_image(data, name, transform, max_pixels) for name, data in blobs])
 
 
@@ -152,17 +256,35 @@ def check_batch(x: torch.Tensor, max_batch: int, ee) -> None:
         raise ApiError(400, str(exc)) from exc
 
 
-async def read_body(request: Request, max_body_bytes: int) -> bytes:
-    """The whole body, refused (413) as soon as it is known to exceed the limit (declared or streamed)."""
+async def read_body(request: Request, max_body_bytes: int, timeout_s: float | None = None) -> bytes:
+    """The whole body, refused (413) as soon as it is known to exceed the limit (declared or streamed).
+
+    A body that has not fully arrived after ``timeout_s`` (a Content-Length that promised more than was
+    sent, a stalled upload) gets 408 and the connection is closed, so it cannot hold a request slot
+    forever; a client that hung up mid-body gets a 400 nobody reads (not a logged 500).
+    """
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_body_bytes:
         raise ApiError(413, f"body of {declared} bytes exceeds max_body_bytes {max_body_bytes}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body_bytes:
-            raise ApiError(413, f"body exceeds max_body_bytes {max_body_bytes}")
-        chunks.append(chunk)
+    chunks: list[bytes] = []
+    size = 0
+
+    async def collect() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise ApiError(413, f"body exceeds max_body_bytes {max_body_bytes}")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), timeout_s)
+    except asyncio.TimeoutError:  # noqa: UP041 (not TimeoutError before 3.11)
+        expected = f" of the {declared} declared" if declared else ""
+        raise ApiError(408, f"request body incomplete after {timeout_s:g} s (read_timeout_s): got {size} bytes"
+                            f"{expected}", {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ApiError(400, f"client disconnected after {size} bytes of the body") from None
     return b"".join(chunks)
 
 
@@ -201,3 +323,15 @@ async def multipart_images(request: Request, body: bytes, max_batch: int) -> lis
         return blobs
     finally:
         await form.close()
+
+
+def check_admin(request: Request, token: str | None) -> None:
+    """401 unless the request carries ``Authorization: Bearer <token>`` (nothing to check without a token:
+    ServeConfig.validate allows that only on loopback or a trusted network). Compared in constant time."""
+    if not token:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError(401, f"{request.method} {request.url.path} needs the admin token: send "
+                            "'Authorization: Bearer <token>' (the server's --admin-token or SELFXIT_ADMIN_TOKEN)",
+                       {"WWW-Authenticate": 'Bearer realm="selfxit admin"'})

@@ -19,6 +19,10 @@ from selfxit.ops.versions import BundleStore
 from selfxit.zoo import load_backbone
 from selfxit.zoo.data import ImageFolderData
 
+# pinned, so that the setup does not depend on automatic candidate selection: heads on these layers of ResNet-20
+# reach a usable agreement after 2 epochs on 140 images
+LAYERS = ["conv1", "layer1", "layer2"]
+
 
 def test_parse_duration():
     assert parse_duration("24h") == 86400 and parse_duration("30m") == 1800 and parse_duration("90s") == 90
@@ -52,7 +56,7 @@ def setup(shared, tmp_path_factory):
     model, info = load_backbone("cifar_resnet20")
     images = ImageFolderData(shared / "data" / "cifar10-test", info, max_samples=900, seed=3)
     root = tmp_path_factory.mktemp("retrain")
-    ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), max_candidates=3)
+    ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), candidate_layers=LAYERS)
     ee.collect(torch.stack([images[i][0] for i in range(200)]), root / "medial", augment_copies=0, progress=False)
     ee.fit(0.2, distill=DistillConfig(epochs=2), method="joint", progress=False)
     ee.thresholds = {}
@@ -66,6 +70,7 @@ def setup(shared, tmp_path_factory):
     return {"model": model, "info": info, "root": root, "current": current, "log": root / "log", "probe": probe}
 
 
+@pytest.mark.slow
 def test_retrain_publishes_a_better_bundle_and_a_second_run_on_the_same_window_does_nothing(setup):
     store = BundleStore(setup["root"] / "bundles")
     config = RetrainConfig(since=None, tolerance=0.2, min_records=100, epochs=5, augment_copies=1)
@@ -83,9 +88,10 @@ def test_retrain_publishes_a_better_bundle_and_a_second_run_on_the_same_window_d
     assert [v.name for v in store.versions()] == ["v000001", "v000002"]
 
 
+@pytest.mark.slow
 def test_a_learned_gate_bundle_is_retrained_as_learned_gates(setup):
     model = setup["model"]
-    ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), max_candidates=3)
+    ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), candidate_layers=LAYERS)
     ee.medial = MedialDataset(setup["root"] / "medial")
     ee.fit(0.2, distill=DistillConfig(epochs=2), gate="learned", progress=False)
     ee.thresholds = {}  # every exit off, so a sensible candidate saves FLOPs
@@ -113,6 +119,7 @@ def test_too_few_records_does_nothing(setup):
     assert store.current() == "v000001"
 
 
+@pytest.mark.slow
 def test_retrain_killed_halfway_leaves_the_published_bundle_untouched(setup):
     """kill -9 a real `selfxit retrain` process while it trains: the store is exactly as before."""
     store = BundleStore(setup["root"] / "killed")

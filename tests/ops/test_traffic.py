@@ -1,6 +1,7 @@
 """The traffic log: record round trips, crashes (real kill -9), corruption, full disk, many writers, retention,
 fsspec memory://, and ``selfxit collect`` on the shared images."""
-import hashlib  # noqa: F401 - used by expected(), defined from EXPECTED_SRC
+import hashlib
+import inspect
 import io
 import json
 import os
@@ -33,19 +34,20 @@ CHILD_PRELUDE = textwrap.dedent(f"""
     import selfxit.ops.traffic as traffic
     assert traffic.__file__ == {traffic.__file__!r}, traffic.__file__
 """)
-EXPECTED_SRC = textwrap.dedent('''
-    def expected(writer, i, payload=256):
-        """Record i of writer w: every field derived from (w, i), so any damage is visible."""
-        digest = hashlib.sha256(f"{writer}-{i}".encode()).digest()
-        return traffic.TrafficRecord(
-            timestamp=1.7e9 + i * 1e-3 + writer * 1e-4, input=torch.full((3, 4, 4), float(i)),
-            encoded=(digest * (payload // 32 + 1))[:payload], content_type="image/png",
-            backbone_probs=np.linspace(0, 1, 10, dtype=np.float32) * writer, exit=f"layer{i % 3}", prediction=i % 10,
-            bundle_version=f"v{writer}", shadow=bool(i % 2), source="serve", meta={"w": writer, "i": i})
-''')
 
 
-exec(EXPECTED_SRC, globals())  # expected(writer, i, payload): record i of writer w, the same in every process
+def expected(writer, i, payload=256):
+    """Record i of writer w: every field derived from (w, i), so any damage is visible."""
+    digest = hashlib.sha256(f"{writer}-{i}".encode()).digest()
+    return traffic.TrafficRecord(
+        timestamp=1.7e9 + i * 1e-3 + writer * 1e-4, input=torch.full((3, 4, 4), float(i)),
+        encoded=(digest * (payload // 32 + 1))[:payload], content_type="image/png",
+        backbone_probs=np.linspace(0, 1, 10, dtype=np.float32) * writer, exit=f"layer{i % 3}", prediction=i % 10,
+        bundle_version=f"v{writer}", shadow=bool(i % 2), source="serve", meta={"w": writer, "i": i})
+
+
+# Writer subprocesses define the same expected() from its source: record i of writer w is the same in every process.
+EXPECTED_SRC = "\n" + inspect.getsource(expected)
 
 
 def child_script(body: str) -> str:
@@ -184,6 +186,7 @@ def test_flushes_itself_by_count_and_by_time(tmp_path):
     assert check_intact(reader.read()) == {(0, i) for i in range(4)} | {(1, 0)}
 
 
+@pytest.mark.slow
 def test_kill_9_keeps_every_acknowledged_record(tmp_path):
     writer = """
         log = traffic.TrafficLog(sys.argv[1], flush_records=10**6, flush_interval_s=None)
@@ -286,6 +289,7 @@ def test_full_disk_raises_clearly_and_keeps_earlier_shards(tmp_path):
     assert seen == {(1, i) for i in range(5)} | {(2, i) for i in range(result["final"])}
 
 
+@pytest.mark.slow
 def test_several_writer_processes_at_once(tmp_path):
     script = """
         w = int(sys.argv[2])

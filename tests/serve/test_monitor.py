@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from selfxit.serve.monitor import MonitorConfig, TrafficMonitor
 from selfxit.core.runtime import FINAL, EarlyExitOutput
 from selfxit.ops.traffic import TrafficLog, TrafficLogError
+from selfxit.serve.monitor import MonitorConfig, TrafficMonitor
 
 
 class Linear(nn.Module):

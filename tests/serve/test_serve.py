@@ -20,10 +20,10 @@ import selfxit
 from selfxit.api import EarlyExitModel
 from selfxit.core.candidates import Candidate
 from selfxit.core.exits import ExitRecord
-from selfxit.zoo.data import image_transform
-from selfxit.fit.distill import DistillConfig
 from selfxit.core.heads import DEFAULT_HEAD, build_head
+from selfxit.fit.distill import DistillConfig
 from selfxit.zoo import load_backbone
+from selfxit.zoo.data import image_transform
 
 MAX_BATCH, MAX_BODY = 20, 1_000_000
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -46,7 +46,7 @@ def _wait_until(predicate, seconds: float, what: str):
 
 
 @pytest.fixture(scope="session")
-def built(shared, tmp_path_factory):
+def built(shared, slow_setup, tmp_path_factory):
     """A fitted ResNet-20 bundle whose thresholds are set so that both exits and the backbone answer."""
     from selfxit.zoo.data import ImageFolderData
     model, info = load_backbone("cifar_resnet20")

@@ -11,8 +11,16 @@ lock), :mod:`.writer` (append, flush, seal; object stores), :mod:`.reader` (list
 :mod:`.retention` (prune), :mod:`.log` (:class:`TrafficLog`, all three together) and
 :mod:`.inputs` (records back to model inputs).
 """
-from selfxit.ops.traffic.codec import (FORMAT_VERSION, MAGIC, SOURCES, TrafficLogError, TrafficRecord, decode_frame,
-                                       decode_record, encode_record)
+from selfxit.ops.traffic.codec import (
+    FORMAT_VERSION,
+    MAGIC,
+    SOURCES,
+    TrafficLogError,
+    TrafficRecord,
+    decode_frame,
+    decode_record,
+    encode_record,
+)
 from selfxit.ops.traffic.inputs import record_input, record_inputs
 from selfxit.ops.traffic.layout import INDEX_SUFFIX, SHARD_SUFFIX
 from selfxit.ops.traffic.log import TrafficLog

@@ -14,6 +14,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
+from selfxit.core.atomic import pid_alive
 from selfxit.ops.traffic.codec import FORMAT_VERSION, TrafficLogError
 
 try:
@@ -79,6 +80,13 @@ def index_path(shard_path: str) -> str:
 def host() -> str:
     """This host's name as it appears in shard names (alphanumerics only, so names split on '-')."""
     return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+
+
+def dead_writer(shard_name: str) -> bool:
+    """Whether a shard name (``<start>-<host>-<pid>-<random>-<seq>.tlog``) says its writer ran on this host
+    and no longer runs. False for another host's shard or a name that does not parse."""
+    parts = shard_name.split("-")
+    return len(parts) == 5 and parts[1] == host() and parts[2].isdigit() and not pid_alive(int(parts[2]))
 
 
 def hold_live(fd: int) -> None:

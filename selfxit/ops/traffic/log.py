@@ -20,7 +20,9 @@ class TrafficLog(TrafficWriter, TrafficReader, TrafficRetention):
     ``append`` buffers; the buffer is flushed (made durable) once it holds ``flush_records`` records
     or its oldest record waited ``flush_interval_s`` (a background thread flushes an idle buffer; None
     turns the thread off). Shards rotate at ``shard_bytes`` or after ``shard_max_age_s``.
-    Read-only use needs no writes: a writer's first shard is created by its first flush.
+    Read-only use needs no writes: a writer's first shard is created by its first flush. Opening a
+    local log removes what writers that died on this host left behind (``removed`` lists it; see
+    ``remove_litter``), never a live writer's files.
     """
 
     def __init__(self, location: str | os.PathLike, *, flush_records: int = 64, flush_interval_s: float | None = 1.0,
@@ -48,3 +50,4 @@ class TrafficLog(TrafficWriter, TrafficReader, TrafficRetention):
         self._io_lock = threading.RLock()
         self._closed = False
         self._start_writer()
+        self.removed: list[str] = self.remove_litter()  # what dead writers on this host left behind

@@ -1,12 +1,14 @@
 """The reading half of :class:`~selfxit.ops.traffic.TrafficLog`: listing shards, scanning, read and count.
 
-Readers check every frame; a torn or corrupt stretch is skipped with a warning naming the shard, and
-reading resumes at the next intact frame. Sealed shards are summarised by their index; open shards
+Readers check every frame; a torn or corrupt stretch, or a CRC-valid frame whose header does not
+describe its body, is skipped with a warning naming the shard (and what was wrong), and reading
+resumes at the next intact frame. Sealed shards are summarised by their index; open shards
 (or those of a writer that died) are scanned instead. Reading needs no write access.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 import warnings
@@ -14,8 +16,16 @@ from heapq import heappop, heappush
 from typing import Iterator
 
 from selfxit.ops.traffic.codec import TrafficRecord, decode_record, iter_frames
-from selfxit.ops.traffic.layout import (INDEX_SUFFIX, SHARD_SUFFIX, ShardInfo, Summary, check_range, held_live,
-                                        in_range, overlaps)
+from selfxit.ops.traffic.layout import (
+    INDEX_SUFFIX,
+    SHARD_SUFFIX,
+    ShardInfo,
+    Summary,
+    check_range,
+    held_live,
+    in_range,
+    overlaps,
+)
 
 
 class TrafficReader:
@@ -52,9 +62,9 @@ class TrafficReader:
     def _read_index(self, path: str) -> dict | None:
         try:
             index = json.loads(self.fs.cat_file(path))
-            if isinstance(index, dict) and {"records", "oldest", "newest", "sorted"} <= index.keys():
+            if _valid_index(index):
                 return index
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             pass
         return None  # unreadable index: the shard is scanned instead
 
@@ -87,28 +97,46 @@ class TrafficReader:
     def _warn_gaps(self, shard: ShardInfo, gaps: list) -> None:
         if not gaps:
             return
-        offset, length = gaps[-1]
-        if len(gaps) == 1 and offset + length == shard.size and self._is_live(shard):
+        offset, length, reason = gaps[-1]
+        if len(gaps) == 1 and reason is None and offset + length == shard.size and self._is_live(shard):
             return  # the tail of a shard being written right now
-        skipped = sum(n for _, n in gaps)
-        where = ", ".join(f"{o}+{n}" for o, n in gaps[:5]) + (" ..." if len(gaps) > 5 else "")
+        skipped = sum(n for _, n, _ in gaps)
+        where = ", ".join(f"{o}+{n}" for o, n, _ in gaps[:5]) + (" ..." if len(gaps) > 5 else "")
+        reasons = sorted({r for _, _, r in gaps if r})
+        kinds = ["a torn write or corruption"] if any(r is None for _, _, r in gaps) else []
+        kinds += [f"a record that does not match its header ({r})" for r in reasons[:3]]
+        why = "; ".join(kinds) + (f"; and {len(reasons) - 3} more problem(s)" if len(reasons) > 3 else "")
         warnings.warn(f"traffic log shard {shard.path}: skipped {skipped} unreadable byte(s) in {len(gaps)} "
-                      f"stretch(es) (offset+length: {where}): a torn write or corruption; the intact records "
-                      "are returned", stacklevel=3)
+                      f"stretch(es) (offset+length: {where}): {why}; the intact records are returned",
+                      stacklevel=3)
+
+    @staticmethod
+    def _decode(head: dict, body: bytes, offset: int, gaps: list) -> TrafficRecord | None:
+        """The record, or None (and a gap) if it cannot be rebuilt despite a consistent header."""
+        try:
+            return decode_record(head, body)
+        except (ValueError, TypeError, KeyError, RuntimeError, OverflowError) as e:
+            gaps.append((offset, 0, f"{type(e).__name__}: {str(e)[:120]}"))
+            return None
 
     def _records(self, shard: ShardInfo, since, until) -> Iterator[TrafficRecord]:
         """The shard's records in the range, in timestamp order."""
         gaps: list = []
         if self._summary(shard)["sorted"]:
-            for _, head, body in self._scan(shard, gaps):
+            for offset, head, body in self._scan(shard, gaps):
                 if in_range(head["t"], since, until):
-                    yield decode_record(head, body)
+                    record = self._decode(head, body, offset, gaps)
+                    if record is not None:
+                        yield record
         else:
-            found = [(head["t"], i, head, body) for i, (_, head, body) in enumerate(self._scan(shard, gaps))
+            found = [(head["t"], i, offset, head, body)
+                     for i, (offset, head, body) in enumerate(self._scan(shard, gaps))
                      if in_range(head["t"], since, until)]
             found.sort(key=lambda x: (x[0], x[1]))
-            for _, _, head, body in found:
-                yield decode_record(head, body)
+            for _, _, offset, head, body in found:
+                record = self._decode(head, body, offset, gaps)
+                if record is not None:
+                    yield record
         self._warn_gaps(shard, gaps)
 
     def read(self, since: float | None = None, until: float | None = None) -> Iterator[TrafficRecord]:
@@ -166,3 +194,18 @@ class TrafficReader:
                 "oldest": min((i["oldest"] for i in times), default=None),
                 "newest": max((i["newest"] for i in times), default=None),
                 "pending": len(self._buffer), "acknowledged": self._acked, "dropped": self._dropped}
+
+
+def _valid_index(index) -> bool:
+    """Whether a parsed index file has the fields readers rely on, with their types (else: scan the shard)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(index, dict) or not {"records", "oldest", "newest", "sorted"} <= index.keys():
+        return False
+    records = index["records"]
+    if isinstance(records, bool) or not isinstance(records, int) or records < 0 \
+            or not isinstance(index["sorted"], bool):
+        return False
+    if records == 0:
+        return True
+    return number(index["oldest"]) and number(index["newest"]) and index["oldest"] <= index["newest"]

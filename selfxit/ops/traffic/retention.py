@@ -1,17 +1,30 @@
 """Retention for :class:`~selfxit.ops.traffic.TrafficLog`: delete whole shards by age or total size.
 
 Only whole shards go (a shard is never rewritten, so a reader never sees one half-pruned), and never
-one a live writer still appends to. Index files whose shard is gone, and index files a crashed
-writer left half-written under a temporary name, are cleaned up on the way.
+one a live writer still appends to. What crashed writers left behind (:meth:`TrafficRetention.remove_litter`:
+index files half-written under a temporary name, empty shards, indexes whose shard is gone) is
+removed when a log is opened and on every prune; a live writer's files are never touched.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
 
 from selfxit.core.atomic import remove_stale_temporaries
-from selfxit.ops.traffic.layout import INDEX_SUFFIX, SHARD_SUFFIX, ShardInfo, check_positive, index_path, log_error
+from selfxit.ops.traffic.layout import (
+    INDEX_SUFFIX,
+    SHARD_SUFFIX,
+    ShardInfo,
+    check_positive,
+    dead_writer,
+    held_live,
+    index_path,
+    log_error,
+)
+
+log = logging.getLogger("selfxit.ops.traffic")
 
 
 class TrafficRetention:
@@ -47,7 +60,7 @@ class TrafficRetention:
         for s in doomed.values():
             if self._delete(s):
                 removed += self._summary(s)["records"]
-        self._remove_orphan_indexes()
+        self.remove_litter()
         return removed
 
     def _delete(self, shard: ShardInfo) -> bool:
@@ -69,19 +82,39 @@ class TrafficRetention:
             raise log_error(e.errno, f"cannot delete traffic log shard {shard.path}: {e.strerror or e}") from e
         return True
 
-    def _remove_orphan_indexes(self) -> None:
-        """Indexes whose shard is gone (a prune interrupted between the two deletions), and index
-        temporaries of writers on this host that died while sealing."""
+    def remove_litter(self) -> list[str]:
+        """Remove what writers that died on this host left in a local log, and return the paths removed:
+        index temporaries (``.<shard>.idx.tmp-<host>-<pid>-...``) of writers killed while sealing, empty
+        shards of writers killed before their first write, and indexes whose shard is gone (a prune
+        interrupted between its two deletions). A file whose writer still runs, or that belongs to
+        another host, is never touched; a location this process cannot write is left as it is.
+        Runs when the log is opened and after every prune.
+        """
         if not self.local:
-            return
+            return []  # object stores: every object is written whole, nothing is left half-done
         try:
             names = set(os.listdir(self.root))
-        except FileNotFoundError:
-            return
-        for name in names:
+        except OSError:
+            return []
+        removed = [str(p) for p in remove_stale_temporaries(self.root)]
+        for name in sorted(names):
+            path = os.path.join(self.root, name)
             if name.endswith(INDEX_SUFFIX) and name[:-len(INDEX_SUFFIX)] + SHARD_SUFFIX not in names:
+                doomed = True
+            elif name.endswith(SHARD_SUFFIX) and dead_writer(name) and index_path(name) not in names:
                 try:
-                    os.remove(os.path.join(self.root, name))
+                    doomed = os.path.getsize(path) == 0 and not held_live(path)
                 except OSError:
-                    pass
-        remove_stale_temporaries(self.root)
+                    doomed = False
+            else:
+                doomed = False
+            if doomed:
+                try:
+                    os.remove(path)
+                except OSError:
+                    continue
+                removed.append(path)
+        if removed:
+            log.info("traffic log %s: removed %d file(s) left by writers that died: %s", self.location,
+                     len(removed), ", ".join(os.path.basename(p) for p in removed[:10]))
+        return removed

@@ -277,7 +277,7 @@ def _flush_at_exit(ref) -> None:
         try:
             log.close()
         except Exception as e:  # noqa: BLE001 - interpreter exit: report, do not raise
-            warnings.warn(f"traffic log {log.location}: could not flush at exit: {e}")
+            warnings.warn(f"traffic log {log.location}: could not flush at exit: {e}", stacklevel=2)
 
 
 def _remove_quietly(path: str) -> None:
