@@ -23,6 +23,16 @@ def run_retrain(args) -> None:
                            seed=args.seed, epochs=args.epochs, keep=args.keep, work_dir=args.work_dir)
     if not Path(args.log).exists() and "://" not in str(args.log):
         raise FileNotFoundError(f"traffic log not found: {args.log} (write one with `selfxit serve --log` or `selfxit collect`)")
+    if args.if_alarmed:  # the hourly job: only when the live guard found the promise broken
+        from selfxit.ops.retrain import guard_alarm
+        if not args.guard_state and "://" in str(args.log):
+            raise ValueError("--if-alarmed with a remote --log needs --guard-state (the server's guard.json)")
+        run_now, why = guard_alarm(args.guard_state or Path(args.log) / "guard.json", args.log, args.min_records)
+        if not run_now:
+            print(json.dumps({"published": False, "ran": False, "reason": why}, indent=1) if args.json
+                  else f"selfxit retrain --if-alarmed: {why}")
+            return
+        print(f"selfxit retrain --if-alarmed: {why}: retraining", file=sys.stderr)
     model, info = load_backbone(args)
     store = BundleStore(args.out, keep=args.keep)
     try:
@@ -89,6 +99,10 @@ def add_parser(sub) -> None:
                                       "224x224); default BUNDLES/.work. Removed when the run ends")
     p.add_argument("--keep-log", help="after the job, delete log shards older than this (e.g. 7d)")
     p.add_argument("--max-log-bytes", type=int, help="after the job, delete the oldest log shards beyond this size")
+    p.add_argument("--if-alarmed", action="store_true",
+                   help="run only when the live guard's state (`selfxit serve --guard`) says alarmed and the log "
+                        "holds --min-records records since the alarm; otherwise exit 0 saying why")
+    p.add_argument("--guard-state", help="the live guard's state file (default: LOG/guard.json)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_retrain)
 

@@ -54,6 +54,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--log-fraction", type=float, default=d.log_fraction, help="fraction of items logged")
     p.add_argument("--shadow-fraction", type=float, default=d.shadow_fraction,
                    help="fraction of items also run through the whole backbone to measure live agreement")
+    p.add_argument("--guard", action="store_true",
+                   help="live guard: test the tolerance promise on shadow samples (anytime-valid) and move the "
+                        "thresholds along the bundle's certified family when it breaks (needs method 'certified')")
+    p.add_argument("--guard-alpha", type=float, default=d.guard_alpha,
+                   help="the guard's false-alarm probability over the whole run (default 0.05)")
+    p.add_argument("--guard-max-shadow", type=float, default=d.guard_max_shadow,
+                   help="shadow fraction while alarmed (default: max(0.2, --shadow-fraction))")
+    p.add_argument("--guard-state", help="where the guard's state is written for `selfxit retrain --if-alarmed` "
+                                         "(default: LOG/guard.json when --log is a local folder)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
@@ -71,7 +80,8 @@ def config_from_args(args) -> ServeConfig:
                        drain_timeout_s=args.drain_timeout_s, admin_token=args.admin_token or None,
                        trusted_network=args.trusted_network, docs=args.docs,
                        reload_poll_s=args.reload_poll_s, log=args.log, log_fraction=args.log_fraction,
-                       shadow_fraction=args.shadow_fraction)
+                       shadow_fraction=args.shadow_fraction, guard=args.guard, guard_alpha=args.guard_alpha,
+                       guard_max_shadow=args.guard_max_shadow, guard_state=args.guard_state)
 
 
 def run(args) -> None:
@@ -96,5 +106,9 @@ def run(args) -> None:
         log.warning("binding %s: the server is reachable beyond this machine (POST /v1/reload %s)", config.host,
                     "needs the admin token" if config.admin_token else "is open: --trusted-network")
     backbone, info = load_backbone(args)
-    app = create_app(BundleLoader.from_backbone(args.bundle, backbone, info, plain=args.plain), config)
+    from selfxit.serve.guarding import GuardRefused
+    try:
+        app = create_app(BundleLoader.from_backbone(args.bundle, backbone, info, plain=args.plain), config)
+    except GuardRefused as exc:
+        raise SystemExit(f"selfxit serve: --guard refused for {args.bundle}: {exc}") from None
     serve_app(app, config, log_level=args.log_level)

@@ -28,6 +28,7 @@ job again on the same window with that bundle current does nothing.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -117,6 +118,36 @@ class RetrainResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def guard_alarm(state_path: str | Path, log: str | Path, min_records: int) -> tuple[bool, str]:
+    """(run now, why) for ``selfxit retrain --if-alarmed``: run only when the live guard's state file
+    (``guard.json``, written by ``selfxit serve --guard``) says alarmed and the log holds at least
+    ``min_records`` records since the alarm's first tighten."""
+    path = Path(state_path)
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False, (f"no live guard state at {path} (serve with --guard and --log, or give --guard-state): "
+                       "nothing to do")
+    except (OSError, ValueError) as exc:
+        return False, f"the live guard state {path} could not be read ({exc}): nothing done"
+    if not state.get("alarmed"):
+        why = "not alarmed" if state.get("active", True) else f"off ({state.get('reason')})"
+        return False, (f"the live guard is {why} (scale {state.get('scale')}, certified {state.get('certified_scale')}, "
+                       f"updated {state.get('updated_at')}): nothing to do")
+    since = state.get("alarmed_since")
+    if since is None:
+        tightens = [m["at"] for m in state.get("moves", []) if m.get("kind") == "tighten"]
+        since = min(tightens) if tightens else None
+    records = TrafficLog(log).count(since=since)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since)) + " UTC" if since else "?"
+    if records < min_records:
+        return False, (f"the live guard is alarmed since {when} (scale {state.get('scale')}, certified "
+                       f"{state.get('certified_scale')}), but the log holds only {records} records since then "
+                       f"(min_records {min_records}): nothing done yet")
+    return True, (f"the live guard is alarmed since {when} (scale {state.get('scale')}, certified "
+                  f"{state.get('certified_scale')}); {records} records logged since then")
 
 
 def window_digest(records) -> str:

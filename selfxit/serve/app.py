@@ -54,6 +54,8 @@ logged with that id). The request bodies are validated with the pydantic models 
 ``GET /v1/monitor``
     Live agreement with the backbone on shadow-run items (overall and per exit), per-exit hit rates
     on all items, and the traffic log's state (see :mod:`selfxit.serve.monitor`); also in ``/healthz``.
+    With ``guard`` on, also the live guard's state (``alarmed``, ``scale``, ``certified_scale``, moves;
+    see :mod:`selfxit.serve.guarding`).
 
 Requests are parsed and checked by :mod:`selfxit.serve.requests` and micro-batched by
 :mod:`selfxit.serve.batching`. Traffic log and shadow sampling: ``ServeConfig.log`` appends
@@ -97,6 +99,7 @@ from selfxit.serve.config import (
     as_traffic_logger,
 )
 from selfxit.serve.guard import Lifecycle, RequestGuard, SafeJSONResponse, add_error_handlers, request_id
+from selfxit.serve.guarding import keeper_for
 from selfxit.serve.metrics import CONTENT_TYPE, ServeMetrics, monitor_gauges
 from selfxit.serve.reload import BundleLoader, Reloader
 from selfxit.serve.requests import ApiError, busy
@@ -118,7 +121,8 @@ class _Service:
         self.metrics = ServeMetrics()
         bundle = Path(config.bundle) if config.bundle else None
         self.gate = TraceGate()  # decodes vs torch.fx tracing (see TraceGate)
-        self.reloader = Reloader(ee_loader, bundle, self.metrics.reload, lambda ee: warm_up(ee, self.gate))
+        self.guard = keeper_for(config, self.metrics, monitor)  # --guard: the live guard, built per bundle at load
+        self.reloader = Reloader(ee_loader, bundle, self.metrics.reload, self.prepare)
         self.transform = None
         if info is not None:
             from selfxit.zoo.data import image_transform
@@ -129,6 +133,14 @@ class _Service:
         self.lifecycle = Lifecycle()
 
     # ---- plumbing -----------------------------------------------------------------------------------
+    def prepare(self, ee) -> None:
+        """Warm a loaded bundle up before it serves; with --guard, build its guard (the first bundle must be
+        guardable; a reloaded one that is not serves unguarded, the reason in /healthz)."""
+        warm_up(ee, self.gate)
+        if self.guard is not None:
+            with self.gate.exclusive():  # the shadow runner may trace the backbone
+                self.guard.prepare(ee, strict=not self.guard.started)
+
     @asynccontextmanager
     async def lifespan(self, app):
         """Run the worker (and the bundle watcher) while the app serves; flush the traffic log at the end."""
@@ -143,6 +155,8 @@ class _Service:
                 watcher.cancel()
             await asyncio.to_thread(self.batcher.stop)
             await asyncio.to_thread(self.monitor.close)
+            if self.guard is not None:
+                await asyncio.to_thread(self.guard.close)  # guard.json for the nightly job
 
     def deliver(self, job: Job, item: dict, exit_position: int, generation: int) -> None:
         """One item answered (on the event loop): count it, hand it to its request and to the traffic logger."""
@@ -312,7 +326,8 @@ class _Service:
         return {"status": "degraded" if self.reloader.degraded else "ok", "plain": self.config.plain,
                 "bundle": self.reloader.served.describe, "last_reload": self.reloader.last_reload,
                 "queue_items": self.batcher.pending_items, "uptime_s": round(time.time() - self.started, 1),
-                "monitor": self.monitor.snapshot()}
+                "monitor": self.monitor.snapshot(),
+                **({"guard": self.guard.snapshot()} if self.guard is not None else {})}
 
     async def monitor_view(self):
         """Live agreement with the backbone (shadow-run items), per-exit hit rates and agreement, logging."""

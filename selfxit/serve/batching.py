@@ -294,6 +294,12 @@ class Batcher:
             for job in ok:
                 encoded.extend(job.encoded if job.encoded else [None] * len(job.x))
             try:
-                self._monitor.observe(x, output, served.exit_names, ee.backbone, served.version, encoded)
+                self._monitor.observe(x, output, served.exit_names, ee.backbone, served.version, encoded, ee=ee)
             except Exception:
                 log.exception("traffic monitor failed (ignored)")
+            guard = getattr(self._monitor, "guard", None)
+            if guard is not None:  # a guard move: the next batch (read after this returns) serves its thresholds
+                try:
+                    guard.apply(served)
+                except Exception:
+                    log.exception("applying the live guard's thresholds failed (the old ones keep serving)")

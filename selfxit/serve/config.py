@@ -45,6 +45,17 @@ class ServeConfig:
     log: str | None = None  # traffic log directory or fsspec URL (see selfxit.serve.monitor); None: no logging
     log_fraction: float = 0.1  # fraction of served items appended to the log
     shadow_fraction: float = 0.02  # fraction of served items also run through the whole backbone
+    guard: bool = False  # run the live guard (selfxit.serve.live_guard) on the bundle's certified family
+    guard_alpha: float = 0.05  # the guard's false-alarm probability over the whole run
+    guard_max_shadow: float | None = None  # shadow fraction while alarmed; None: max(0.2, shadow_fraction)
+    guard_state: str | None = None  # guard.json path; None: LOG/guard.json when the log is a local folder
+
+    @property
+    def guard_max_shadow_fraction(self) -> float:
+        """The shadow fraction the guard may raise to while alarmed."""
+        if self.guard_max_shadow is not None:
+            return self.guard_max_shadow
+        return max(0.2, self.shadow_fraction)
 
     def validate(self) -> None:
         """Refuse limits that would make every request fail, before a model is loaded for nothing."""
@@ -59,12 +70,27 @@ class ServeConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number; got {value}")
+        if self.guard:
+            self.validate_guard()
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError("admin_token must be at least 16 characters (a guessable token protects nothing)")
         if not is_loopback(self.host) and not self.admin_token and not self.trusted_network:
             raise ValueError(f"refusing to bind {self.host!r} without an admin token: anyone who can reach it could "
                              "reload the bundle. Set --admin-token (or SELFXIT_ADMIN_TOKEN), or pass "
                              "--trusted-network if every host on that network may administer this server")
+
+    def validate_guard(self) -> None:
+        """The live guard's flags (checked before any model is loaded)."""
+        if not (math.isfinite(self.guard_alpha) and 0 < self.guard_alpha < 1):
+            raise ValueError(f"--guard-alpha must be in (0, 1); got {self.guard_alpha}")
+        if not 0 <= self.shadow_fraction <= 1:
+            raise ValueError(f"--shadow-fraction must be in [0, 1]; got {self.shadow_fraction}")
+        top = self.guard_max_shadow_fraction
+        if not (math.isfinite(top) and self.shadow_fraction <= top <= 1):
+            raise ValueError(f"--guard-max-shadow must be in [--shadow-fraction {self.shadow_fraction:g}, 1] (the "
+                             f"guard raises the shadow fraction to it while alarmed); got {top:g}")
+        if self.plain:
+            raise ValueError("--guard cannot watch --plain: the plain backbone has no exits to guard")
 
     @property
     def request_pixels(self) -> int:

@@ -73,10 +73,23 @@ class ServeMetrics:
         self._reloads = Counter("selfxit_reloads", "Bundle reload attempts by result.", ["result"], registry=None)
         for result in ("ok", "refused"):  # both series exist from the start, at 0
             self._reloads.labels(result=result)
+        self._guard_moves = Counter("selfxit_guard_moves", "Live guard moves of the served scale, by kind.",
+                                    ["kind"], registry=None)
         self._gauges: list[GaugeSource] = []
-        self.registry.register(_Collector(
+        self._collector = _Collector(
             [self._requests, self._errors, self._exits, self._latency, self._microbatches,
-             self._microbatch_requests, self._microbatch_items, self._reloads], self._gauges))
+             self._microbatch_requests, self._microbatch_items, self._reloads], self._gauges)
+        self.registry.register(self._collector)
+
+    def guard_enabled(self) -> None:
+        """Export the guard's move counter, both series from the start at 0 (only a server running --guard)."""
+        if self._guard_moves not in self._collector._instruments:
+            self._collector._instruments.append(self._guard_moves)
+        for kind in ("tighten", "relax"):
+            self._guard_moves.labels(kind=kind)
+
+    def guard_move(self, kind: str) -> None:
+        self._guard_moves.labels(kind=kind).inc()
 
     def add_gauges(self, source: GaugeSource) -> None:
         """Export what ``source()`` returns at every scrape (name -> (help, value))."""

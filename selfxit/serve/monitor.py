@@ -60,21 +60,41 @@ class TrafficMonitor:
         self.shadow_items: dict[str, int] = {}
         self.shadow_agree: dict[str, int] = {}
         self.logged = 0
+        self.guard = None  # a selfxit.serve.guarding.GuardKeeper when the server runs with --guard
+
+    def shadow_fraction(self, ee=None) -> float:
+        """The fraction of items shadow-run now: the guard's (raised while alarmed) when it watches ``ee``."""
+        fraction = self.guard.shadow_fraction(ee) if self.guard is not None and ee is not None else None
+        return self.config.shadow_fraction if fraction is None else fraction
 
     def observe(self, x: torch.Tensor, output: EarlyExitOutput, exit_names: list[str], backbone,
-                bundle_version: str | None, encoded: list[tuple[bytes, str] | None] | None = None) -> None:
-        """Account for one answered micro-batch ``x`` (call after the answers have gone out)."""
+                bundle_version: str | None, encoded: list[tuple[bytes, str] | None] | None = None,
+                ee=None) -> None:
+        """Account for one answered micro-batch ``x`` (call after the answers have gone out).
+
+        ``ee``: the model that answered; with a guard watching it, every shadow item (those the backbone
+        answered too) runs the guard's no-shrink pass instead of the plain backbone, and feeds the guard.
+        """
         n = len(x)
         exits = output.exit.cpu().numpy()
         names = ["final" if e == FINAL else exit_names[e] for e in exits]
-        shadow = self._rng.random(n) < self.config.shadow_fraction
+        shadow = self._rng.random(n) < self.shadow_fraction(ee)
         logged = (self._rng.random(n) < self.config.log_fraction) | shadow if self._log is not None else np.zeros(n, bool)
         backbone_probs: dict[int, np.ndarray] = {}
         final = exits == FINAL
         for i in np.flatnonzero(final & (shadow | logged)):
             backbone_probs[i] = output.probabilities[i].float().cpu().numpy()  # the backbone's own softmax
         early = np.flatnonzero(shadow & ~final)
-        if len(early):
+        guarded = self.guard.bundle_for(ee) if self.guard is not None and ee is not None else None
+        if guarded is not None and shadow.any():
+            rows_all = np.flatnonzero(shadow)
+            with torch.inference_mode():
+                run = guarded.shadow(x[torch.as_tensor(rows_all, device=x.device)])
+                probs = run.logits.float().softmax(1).cpu().numpy()
+            for j, i in enumerate(rows_all):
+                backbone_probs.setdefault(int(i), probs[j])
+            self.guard.observe(ee, run)
+        elif len(early):
             with torch.inference_mode():
                 rows = torch.as_tensor(early, device=x.device)
                 batch = x[rows]
@@ -142,6 +162,7 @@ class TrafficMonitor:
 
     def snapshot(self) -> dict:
         """Everything measured so far, JSON-ready."""
+        guarded = self.guard.current if self.guard is not None else None
         with self._lock:
             total_shadow = sum(self.shadow_items.values())
             return {
@@ -153,5 +174,6 @@ class TrafficMonitor:
                                    for k, v in self.shadow_items.items()},
                 "logging": {"enabled": self._log is not None, "location": self.config.log,
                             "fraction": self.config.log_fraction, "logged": self.logged, "error": self.log_error},
-                "shadow_fraction": self.config.shadow_fraction,
+                "shadow_fraction": self.config.shadow_fraction if guarded is None else guarded.guard.shadow_fraction,
+                **({"guard": self.guard.snapshot()} if self.guard is not None else {}),
             }

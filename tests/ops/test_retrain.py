@@ -162,3 +162,57 @@ def test_retrain_command_prints_json(setup, capsys):
     assert out["log_records_pruned"] == 0  # every record is younger than a day
     assert main(["rollback", "--out", str(store.root)]) == 2  # only one version: a clear error, exit 2
     assert "oldest version" in capsys.readouterr().err
+
+
+def _guard_state(path, alarmed, since=None):
+    moves = [{"at": since, "kind": "tighten", "from_scale": 0.86, "to_scale": 0.84, "shadow_samples": 300,
+              "wealth": 21.0}] if alarmed else []
+    path.write_text(json.dumps({"active": True, "alarmed": alarmed, "scale": 0.84 if alarmed else 0.86,
+                                "certified_scale": 0.86, "alarmed_since": since, "moves": moves,
+                                "bundle_version": "v000001", "updated_at": "2026-01-01T00:00:00+00:00"}))
+    return path
+
+
+def test_guard_alarm_reads_the_state(tmp_path, setup):
+    from selfxit.ops.retrain import guard_alarm
+
+    run, why = guard_alarm(tmp_path / "missing.json", setup["log"], 100)
+    assert not run and "no live guard state" in why
+    run, why = guard_alarm(_guard_state(tmp_path / "calm.json", False), setup["log"], 100)
+    assert not run and "not alarmed" in why
+    old = time.time() - 10_000  # before every logged record
+    run, why = guard_alarm(_guard_state(tmp_path / "alarm.json", True, old), setup["log"], 100)
+    assert run and "700 records" in why
+    run, why = guard_alarm(_guard_state(tmp_path / "alarm.json", True, old), setup["log"], 1000)
+    assert not run and "only 700 records" in why
+    run, why = guard_alarm(_guard_state(tmp_path / "late.json", True, time.time() + 5), setup["log"], 100)
+    assert not run and "only 0 records" in why
+
+
+def test_retrain_if_alarmed_does_nothing_without_an_alarm(setup, tmp_path, capsys):
+    from selfxit.cli import main
+    store = BundleStore(tmp_path / "bundles")
+    args = ["retrain", "--if-alarmed", "--log", str(setup["log"]), "--bundle", str(setup["current"]),
+            "--model", "cifar_resnet20", "--out", str(store.root), "--since", "all", "--min-records", "100"]
+    assert main(args) == 0  # no guard.json in the log folder
+    assert "no live guard state" in capsys.readouterr().out and store.current() is None
+    state = _guard_state(tmp_path / "guard.json", False)
+    assert main([*args, "--guard-state", str(state), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ran"] is False and "not alarmed" in out["reason"] and store.current() is None
+
+
+def test_retrain_if_alarmed_runs_the_job_when_alarmed(setup, tmp_path, capsys):
+    """Alarmed with enough records since the alarm: the job runs (here on an empty 1 s window, so it stops at
+    its own record check, which proves it ran without training anything)."""
+    from selfxit.cli import main
+    store = BundleStore(tmp_path / "bundles")
+    state = _guard_state(tmp_path / "guard.json", True, time.time() - 10_000)
+    code = main(["retrain", "--if-alarmed", "--guard-state", str(state), "--log", str(setup["log"]), "--bundle",
+                 str(setup["current"]), "--model", "cifar_resnet20", "--out", str(store.root), "--since", "1s",
+                 "--min-records", "100", "--json"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "alarmed since" in captured.err and "retraining" in captured.err
+    out = json.loads(captured.out)
+    assert out["published"] is False and "only 0 records" in out["reason"]
