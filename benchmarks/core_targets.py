@@ -26,9 +26,9 @@ os.environ.setdefault("NNI_FRAMEWORK", "none")
 
 import selfxit  # noqa: E402
 from selfxit.cli.evaluate import print_table  # noqa: E402
-from selfxit.zoo.data import ImageFolderData, default_traffic_dir, split_indices  # noqa: E402
 from selfxit.evaluate.evaluation import evaluate  # noqa: E402
 from selfxit.zoo import load_backbone  # noqa: E402
+from selfxit.zoo.data import ImageFolderData, default_traffic_dir, split_indices  # noqa: E402
 
 TARGETS = {0.01: (0.990, 0.85), 0.05: (0.950, 0.72)}
 

@@ -32,14 +32,14 @@ os.environ.setdefault("NNI_FRAMEWORK", "none")
 import selfxit  # noqa: E402
 from selfxit.cli import main  # noqa: E402
 from selfxit.cli.common import quiet_libraries  # noqa: E402
-from selfxit.zoo.data import IMAGE_EXTENSIONS, ImageFolderData  # noqa: E402
 from selfxit.evaluate.evaluation import evaluate  # noqa: E402
-from selfxit.serve.monitor import MonitorConfig, TrafficMonitor  # noqa: E402
 from selfxit.ops.retrain import RetrainConfig, retrain, summary  # noqa: E402
-from selfxit.settings import shared_dir  # noqa: E402
 from selfxit.ops.shift import apply_shift  # noqa: E402
 from selfxit.ops.versions import BundleStore  # noqa: E402
+from selfxit.serve.monitor import MonitorConfig, TrafficMonitor  # noqa: E402
+from selfxit.settings import shared_dir  # noqa: E402
 from selfxit.zoo import load_backbone  # noqa: E402
+from selfxit.zoo.data import IMAGE_EXTENSIONS, ImageFolderData  # noqa: E402
 
 
 def _link_subset(files: list[Path], root: Path, out: Path, shift: str | None = None, seed: int = 0) -> Path:

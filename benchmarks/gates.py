@@ -31,14 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NNI_FRAMEWORK", "none")
 
 import selfxit  # noqa: E402
-from selfxit.fit import conformal
-from selfxit.fit import gates
-from selfxit.fit import select as optimize  # noqa: E402
-from selfxit.zoo.data import ImageFolderData, default_traffic_dir, split_indices  # noqa: E402
-from selfxit.fit.distill import head_logits  # noqa: E402
 from selfxit.evaluate.evaluation import evaluate  # noqa: E402
+from selfxit.fit import conformal, gates
+from selfxit.fit import select as optimize  # noqa: E402
+from selfxit.fit.distill import head_logits  # noqa: E402
 from selfxit.fit.medial import MedialDataset  # noqa: E402
 from selfxit.zoo import load_backbone  # noqa: E402
+from selfxit.zoo.data import ImageFolderData, default_traffic_dir, split_indices  # noqa: E402
 
 TOLERANCES = (0.01, 0.05)
 TARGETS = {0.01: (0.990, 0.70), 0.05: (0.950, 0.55)}  # learned gates: agreement >=, flops_fraction <=

@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NNI_FRAMEWORK", "none")
 
 import selfxit  # noqa: E402
-from selfxit.zoo.data import ImageFolderData  # noqa: E402
-from selfxit.evaluate.evaluation import cost_per_exit  # noqa: E402
 from selfxit.core.runtime import FINAL  # noqa: E402
+from selfxit.evaluate.evaluation import cost_per_exit  # noqa: E402
 from selfxit.settings import shared_dir  # noqa: E402
 from selfxit.zoo import load_backbone  # noqa: E402
+from selfxit.zoo.data import ImageFolderData  # noqa: E402
 
 
 def _timed(fn, x, repeats: int) -> float:

@@ -39,13 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NNI_FRAMEWORK", "none")
 
 import selfxit  # noqa: E402
-from selfxit.fit.calibrate import fit_temperature  # noqa: E402
-from selfxit.zoo.data import ImageFolderData, default_traffic_dir  # noqa: E402
-from selfxit.fit.distill import DistillConfig, distill_head, head_logits  # noqa: E402
 from selfxit.core.flops import count_flops  # noqa: E402
 from selfxit.core.heads import DEFAULT_HEAD, build_head  # noqa: E402
+from selfxit.fit.calibrate import fit_temperature  # noqa: E402
+from selfxit.fit.distill import DistillConfig, distill_head, head_logits  # noqa: E402
 from selfxit.fit.medial import MedialDataset  # noqa: E402
 from selfxit.zoo import load_backbone  # noqa: E402
+from selfxit.zoo.data import ImageFolderData, default_traffic_dir  # noqa: E402
 
 TARGETS = {0.01: 0.70, 0.05: 0.55}  # issue 7's learned-gate targets: tolerance -> flops_fraction
 CONV_HEAD = {"kind": "conv_linear", "convs": [{"out": 64, "kernel": 3, "stride": 1}], "pool": 2, "hidden": [256]}

@@ -34,13 +34,13 @@ os.environ.setdefault("NNI_FRAMEWORK", "none")
 
 import selfxit  # noqa: E402
 from selfxit.api import EarlyExitModel  # noqa: E402
-from selfxit.zoo.data import ImageFolderData, default_traffic_dir, split_indices  # noqa: E402
 from selfxit.evaluate.evaluation import evaluate  # noqa: E402
 from selfxit.fit.medial import MedialDataset  # noqa: E402
-from selfxit.search.run import apply_search, load_search  # noqa: E402
 from selfxit.search.config import load_config  # noqa: E402
+from selfxit.search.run import apply_search, load_search  # noqa: E402
 from selfxit.settings import PROJECT_ROOT  # noqa: E402
 from selfxit.zoo import load_backbone  # noqa: E402
+from selfxit.zoo.data import ImageFolderData, default_traffic_dir, split_indices  # noqa: E402
 
 TOLERANCE = 0.01
 

@@ -8,8 +8,8 @@ import tempfile
 import torch
 
 import selfxit
-from selfxit.zoo.data import ImageFolderData, default_traffic_dir
 from selfxit.zoo import load_backbone
+from selfxit.zoo.data import ImageFolderData, default_traffic_dir
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--max-samples", type=int, default=2000)

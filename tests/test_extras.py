@@ -26,6 +26,7 @@ def test_serve_without_its_extra_says_what_to_install():
     assert out.returncode == 2 and "pip install 'selfxit[serve]'" in out.stderr
 
 
+@pytest.mark.slow
 def test_core_runs_with_no_optional_library_installed(tmp_path):
     """wrap, fit's pieces, save, load and run import none of NNI, DeepSpeed, FastAPI, matplotlib."""
     blocked = sorted({m for mods in EXTRAS.values() for m in mods})

@@ -30,10 +30,10 @@ import httpx
 from PIL import Image
 
 from selfxit.cli import main as selfxit
-from selfxit.zoo.data import IMAGE_EXTENSIONS
-from selfxit.settings import shared_dir
 from selfxit.ops.shift import apply_shift
 from selfxit.ops.versions import BundleStore
+from selfxit.settings import shared_dir
+from selfxit.zoo.data import IMAGE_EXTENSIONS
 
 
 def _free_port() -> int:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from selfxit.extras import require_extra
 
 from selfxit.cli.common import add_model_args
+from selfxit.extras import require_extra
 
 
 def add_parser(sub) -> None:

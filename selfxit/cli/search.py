@@ -7,9 +7,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-from selfxit.extras import require_extra
 
 from selfxit.cli.common import add_model_args, load_backbone
+from selfxit.extras import require_extra
 
 
 def add_parser(sub) -> None:
@@ -48,7 +48,7 @@ def run(args) -> None:
         ee.collect(loader(dataset), out_dir=medial_dir, seed=args.seed, augment_copies=args.augment)
         result = ee.search(config, args.out, trials=args.trials)
     except KeyboardInterrupt:
-        raise SystemExit(f"\nsearch interrupted; run the same command again to resume from {args.out}")
+        raise SystemExit(f"\nsearch interrupted; run the same command again to resume from {args.out}") from None
     finally:
         if not args.medial_dir:
             shutil.rmtree(medial_dir, ignore_errors=True)

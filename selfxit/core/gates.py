@@ -21,6 +21,9 @@ class Gate(nn.Module):
     into the first linear layer when training ends, so a forward pass is a handful of small ops.
     """
 
+    _inv_t2: torch.Tensor  # non-persistent buffer
+    _linear: nn.Linear | None  # self.net[0] when there is no hidden layer (not registered as a submodule)
+
     def __init__(self, num_classes: int, hidden: int = 0, second_temperature: float = 2.0, previous: bool = False):
         super().__init__()
         if num_classes < 2:

@@ -18,9 +18,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from selfxit.core.conformal import (ALPHAS, ConformalCalibration, _check_alpha,  # noqa: F401
-                                   conformal_quantile, prediction_sets)
+from selfxit.core.conformal import (
+    ALPHAS,
+    ConformalCalibration,
+    _check_alpha,
+    conformal_quantile,
+    prediction_sets,
+)
 from selfxit.core.runtime import FINAL
+
 
 def calibrate(exit_probs: dict[str, np.ndarray], exit_targets: dict[str, np.ndarray],
               alphas=ALPHAS) -> ConformalCalibration:
@@ -91,7 +97,7 @@ def calibrate_cascade(layers: list[str], active: list[int], log_probs: torch.Ten
 
 
 def cascade_set_quality(calibration: ConformalCalibration, layers: list[str], active: list[int],
-                        log_probs: torch.Tensor, taken: np.ndarray, backbone_top1: torch.Tensor,
+                        log_probs: torch.Tensor, taken: np.ndarray | torch.Tensor, backbone_top1: torch.Tensor,
                         alphas=None) -> dict[str, SetQuality]:
     """:class:`SetQuality` per alpha of a cascade's sets on recorded predictions of held-back samples
     (arguments as for :func:`calibrate_cascade`)."""

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ENV = {**os.environ, "NNI_FRAMEWORK": "none"}
 
 
@@ -15,6 +17,7 @@ def run(*args, check=True):
     return proc
 
 
+@pytest.mark.slow
 def test_candidates_json(shared):
     found = json.loads(run("candidates", "--model", "cifar_resnet20", "--json").stdout)
     assert len(found) >= 3
@@ -23,6 +26,7 @@ def test_candidates_json(shared):
     assert remaining == sorted(remaining, reverse=True)
 
 
+@pytest.mark.slow
 def test_enable_then_evaluate_json(shared, tmp_path):
     bundle = tmp_path / "bundle"
     data = str(shared / "data" / "cifar10-test")
@@ -44,6 +48,7 @@ def test_enable_then_evaluate_json(shared, tmp_path):
     assert len(out["exit_rates"]) <= 2  # at most max_exits=1 exit, plus "final"
 
 
+@pytest.mark.slow
 def test_bad_inputs_get_clear_errors(shared, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -61,6 +66,7 @@ def test_bad_inputs_get_clear_errors(shared, tmp_path):
     assert proc.returncode != 0 and "not a selfxit bundle" in proc.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_image_is_named(shared, tmp_path):
     folder = tmp_path / "imgs" / "cls"
     folder.mkdir(parents=True)

@@ -57,6 +57,7 @@ def test_import_selfxit_is_lazy():
     assert _heavy_modules_after("import selfxit; selfxit.__version__") == []
 
 
+@pytest.mark.slow
 def test_public_names_still_resolve():
     code = ("import selfxit\n"
             "missing = [n for n in selfxit.__all__ if getattr(selfxit, n, None) is None]\n"

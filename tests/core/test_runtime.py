@@ -1,11 +1,12 @@
 """Batch shrinking: every sample comes back once, in order; non-exited samples equal the backbone exactly."""
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
-from selfxit.zoo.cifar_resnet import cifar_resnet
 from selfxit.core.heads import DEFAULT_HEAD, build_head
 from selfxit.core.runtime import FINAL, EarlyExitRunner, Exit
+from selfxit.zoo.cifar_resnet import cifar_resnet
 
 LAYERS = {"layer1": (16, 32, 32), "layer2.2": (32, 16, 16), "layer3.1": (64, 8, 8)}
 

@@ -27,7 +27,7 @@ SEED, SAMPLES = 2, 300
 
 
 @pytest.fixture(scope="module")
-def built(shared, tmp_path_factory):
+def built(shared, slow_setup, tmp_path_factory):
     """A saved bundle, its report written by ``selfxit report`` (test split), and evaluate() on the same split.
 
     One intra-op thread: on a shared 2-core machine, OpenMP waits make multi-threaded small batches ~10x slower.
@@ -205,7 +205,7 @@ def test_latency_alternates_and_can_time_the_backbone_alone():
 # ---- learned gates: the report must describe the rule the runtime runs ---------------------------------------
 
 @pytest.fixture(scope="module")
-def gated(shared, tmp_path_factory):
+def gated(shared, slow_setup, tmp_path_factory):
     """A learned-gate model on ResNet-20, its report on the test split, and evaluate() on the same rows."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -229,6 +229,7 @@ def gated(shared, tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # builds its fixture through request.getfixturevalue
 @pytest.mark.parametrize("which", ["built", "gated"])
 def test_operating_point_is_what_evaluate_measures(which, request):
     """The trade-off curve's numbers at the bundle's own thresholds are the runtime's: same exits, same FLOPs."""

@@ -4,10 +4,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from selfxit.fit import conformal
 from selfxit.core.runtime import FINAL
+from selfxit.fit import conformal
 
 torch.set_num_threads(1)
 
@@ -103,9 +104,9 @@ def test_cascade_helpers_match_direct_calibration():
 def test_prediction_sets_need_a_calibration():
     from selfxit.api import EarlyExitModel
     from selfxit.core.candidates import Candidate
-    from selfxit.zoo.cifar_resnet import cifar_resnet
     from selfxit.core.exits import ExitRecord
     from selfxit.core.heads import DEFAULT_HEAD, build_head
+    from selfxit.zoo.cifar_resnet import cifar_resnet
     cand = Candidate("layer2", (32, 16, 16), 1)
     ee = EarlyExitModel(cifar_resnet("cifar_resnet20").eval(), (3, 32, 32), 10, [cand], backbone_flops=2)
     ee.set_records([ExitRecord(cand.name, build_head(DEFAULT_HEAD, cand.shape, 10), 1.0, 0.9, spec=DEFAULT_HEAD,

@@ -4,10 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from selfxit.zoo import data
-from selfxit.zoo.data import CorruptImageError, ImageFolderData, default_traffic_dir, image_transform, split_indices
 from selfxit.settings import shared_dir
-from selfxit.zoo import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
+from selfxit.zoo import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, data
+from selfxit.zoo.data import CorruptImageError, ImageFolderData, default_traffic_dir, image_transform, split_indices
 
 CIFAR = ModelInfo("cifar", (3, 32, 32), None, IMAGENET_MEAN, IMAGENET_STD, 10)
 IMAGENET = ModelInfo("imagenet", (3, 224, 224), 256, IMAGENET_MEAN, IMAGENET_STD, 1000)
@@ -89,6 +88,7 @@ def test_missing_and_empty_folders(tmp_path):
         ImageFolderData(tmp_path / "empty", CIFAR)
 
 
+@pytest.mark.needs_shared
 @pytest.mark.skipif(not SHARED_TRAFFIC.is_dir(), reason=f"shared CIFAR-10 test folder absent at {SHARED_TRAFFIC}")
 def test_default_traffic_is_shared_and_sample_is_representative():
     assert default_traffic_dir() == SHARED_TRAFFIC
