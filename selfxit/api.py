@@ -14,8 +14,9 @@ from selfxit.core.flops import count_flops
 from selfxit.core.provenance import Provenance
 from selfxit.core.runtime import EarlyExitOutput, EarlyExitRunner
 from selfxit.fit import conformal
+from selfxit.fit.budget import DEFAULT_ROW_BUDGET
 from selfxit.fit.config import METHODS, FitConfig
-from selfxit.fit.medial import MedialDataset
+from selfxit.fit.medial import SHARD_BYTES, MedialDataset
 from selfxit.fit.procedure import fit_exits
 from selfxit.fit.record import record
 from selfxit.fit.results import CascadeSummary, FitReport, HeadReport
@@ -51,20 +52,40 @@ class EarlyExitModel:
 
     # ---- recording -----------------------------------------------------------------------------
     def collect(self, data, out_dir: str | Path | None = None, seed: int = 0, augment_copies: int = 2,
-                batch_size: int = 128, num_workers: int = 0, progress: bool = True) -> MedialDataset:
-        """Record the medial dataset from unlabeled traffic.
+                batch_size: int = 128, num_workers: int = 0, progress: bool = True, *, heads=None,
+                budget: int | None = DEFAULT_ROW_BUDGET, shard_mb: float = SHARD_BYTES / 2**20,
+                rank_timeout: float | None = None) -> MedialDataset:
+        """Record the medial dataset from unlabeled traffic, streaming it to shards in ``out_dir`` (a folder or
+        any fsspec URL, e.g. ``s3://bucket/medial``; default: a temporary folder).
 
-        ``data`` is a tensor of inputs, a sized Dataset, or a DataLoader over one (batches may be
-        ``inputs`` or ``(inputs, labels, ...)``; labels are kept for reporting only).
+        ``data`` is a tensor of inputs, a sized Dataset, or a DataLoader over one in a fixed order (batches
+        may be ``inputs`` or ``(inputs, labels, ...)``; labels are kept for reporting only).
+
+        Each candidate stores what its heads consume (:mod:`selfxit.fit.budget`), all together within
+        ``budget`` bytes per row (default 512 KiB; None: no cap), checked before anything is recorded.
+        ``heads`` are the head specs ``fit`` will train: one spec for all layers, ``{layer: spec}``, or
+        ``'full'``; a conv head reads the full map unless its spec declares ``input_grid``. Default (None):
+        full maps when they all fit the budget (small models: any head can be trained), else the default
+        head's input (a 4x4 average grid of each conv map). Shards are cut at ``shard_mb`` MiB; memory does
+        not grow with the traffic.
+
+        Under ``torch.distributed`` (e.g. torchrun), call it on every rank with the same, whole ``data``:
+        each rank records its share (samples ``rank::world``) into the one dataset, rank 0 finishes it, and
+        every rank gets it back. ``rank_timeout`` (seconds) bounds the wait for the other ranks.
         """
         loader, num_samples = _as_loader(data, batch_size, num_workers)
         if num_samples < 10:
             raise ValueError(f"need at least 10 traffic samples to split train/val/test; got {num_samples}")
-        out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="selfxit-medial-"))
+        if shard_mb <= 0:
+            raise ValueError(f"shard_mb must be > 0; got {shard_mb!r}")
+        loader = _rank_share(loader, num_samples, batch_size)
+        out_dir = out_dir if out_dir else Path(tempfile.mkdtemp(prefix="selfxit-medial-"))
         self.backbone.eval()
         self.set_records([])  # heads belong to the medial dataset they were trained on
         self.medial = record(self.backbone, [c.name for c in self.candidates], [c.shape for c in self.candidates],
-                             self.num_classes, loader, num_samples, out_dir, seed, augment_copies, progress)
+                             self.num_classes, loader, num_samples, out_dir, seed, augment_copies, progress,
+                             heads=heads, budget=budget, shard_bytes=int(shard_mb * 2**20),
+                             rank_timeout=rank_timeout)
         return self.medial
 
     # ---- training and optimization ---------------------------------------------------------------
@@ -210,6 +231,20 @@ class EarlyExitModel:
         return bundle_format.save_model(self, path)
 
 
+def _rank_share(loader, num_samples: int, batch_size: int):
+    """Under torch.distributed, a loader over this rank's share (samples rank, rank + world, ...) of the traffic."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return loader
+    if isinstance(loader.sampler, torch.utils.data.DistributedSampler):
+        raise ValueError("collect divides the traffic between ranks itself: pass every rank the whole traffic "
+                         "(a DataLoader without a DistributedSampler)")
+    share = torch.utils.data.Subset(loader.dataset, range(dist.get_rank(), num_samples, dist.get_world_size()))
+    return torch.utils.data.DataLoader(share, batch_size=loader.batch_size or batch_size,
+                                       num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                                       pin_memory=loader.pin_memory)
+
+
 def _as_loader(data, batch_size: int, num_workers: int):
     if isinstance(data, torch.Tensor):
         data = torch.utils.data.TensorDataset(data)
@@ -238,7 +273,10 @@ def wrap(model: nn.Module, example_input: torch.Tensor, candidate_layers: list[s
          max_candidates: int = 10) -> EarlyExitModel:
     """Wrap a frozen classifier: find its candidate exit layers (or use ``candidate_layers``) and measure FLOPs.
 
-    The model is put in eval mode with gradients off and is never modified otherwise.
+    Candidates are articulation points of the traced graph chosen by cost (:func:`~selfxit.core.candidates.
+    candidate_table`: none in the first or last 5% of the FLOPs, at most ``max_candidates`` spread over the
+    rest). FLOPs come from DeepSpeed's profiler, or torch's counter where DeepSpeed fails on the model. The
+    model is put in eval mode with gradients off and is never modified otherwise.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -248,7 +286,9 @@ def wrap(model: nn.Module, example_input: torch.Tensor, candidate_layers: list[s
     out = _example_output(model, example_input)
     candidates = find_candidates(model, example_input[:1], max_candidates=max_candidates, names=candidate_layers)
     if not candidates:
-        raise ValueError("no candidate exit layers found; pass candidate_layers=[module names]")
+        raise ValueError("no candidate exit layers found (selfxit.core.candidates.candidate_table(model, example_input), "
+                         "or `selfxit candidates --all`, says why each layer was rejected); pass "
+                         "candidate_layers=[module names]")
     total = count_flops(model, example_input[:1])
     return EarlyExitModel(model, tuple(example_input.shape[1:]), int(out.shape[1]), candidates, total)
 

@@ -8,14 +8,14 @@ from torch import nn
 
 import selfxit
 from selfxit.core.bundle import BundleError
-from selfxit.zoo.data import ImageFolderData
-from selfxit.fit.distill import DistillConfig
 from selfxit.core.runtime import FINAL
+from selfxit.fit.distill import DistillConfig
 from selfxit.zoo import load_backbone
+from selfxit.zoo.data import ImageFolderData
 
 
 @pytest.fixture(scope="module")
-def fitted(shared, tmp_path_factory):
+def fitted(shared, slow_setup, tmp_path_factory):
     model, info = load_backbone("cifar_resnet20")
     bn_before = {k: v.clone() for k, v in model.state_dict().items()}
     traffic = ImageFolderData(shared / "data" / "cifar10-test", info, max_samples=400, seed=1)

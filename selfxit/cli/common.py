@@ -22,16 +22,19 @@ def quiet_libraries() -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """--model and --weights, declared once for every command that loads a backbone."""
+    """--model, --weights and --random-init, declared once for every command that loads a backbone."""
     p.add_argument("--model", required=required, default=DEFAULT_MODEL,
                    help="cifar_resnet20/32/44/56/110 or a torchvision classifier name")
-    p.add_argument("--weights", type=Path, help="checkpoint file (state dict) for the model")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--weights", type=Path, help="checkpoint file (state dict) for the model "
+                         "(default: the published weights; torchvision's default pretrained ones for its models)")
+    weights.add_argument("--random-init", action="store_true", help="an untrained, randomly initialised network")
 
 
 def load_backbone(args):
-    """(model, ModelInfo) for ``--model`` / ``--weights``."""
+    """(model, ModelInfo) for ``--model`` / ``--weights`` / ``--random-init``."""
     from selfxit.zoo import load_backbone as _load
-    return _load(args.model, args.weights)
+    return _load(args.model, args.weights, random_init=getattr(args, "random_init", False))
 
 
 def traffic_data(args, info, max_samples=None, seed=0):

@@ -1,28 +1,50 @@
-"""Candidate exit layers of a frozen classifier, found automatically.
+"""Candidate exit layers of a frozen classifier, found automatically and chosen by cost.
 
 An exit can sit after a module only if the rest of the forward pass depends on that module's output
 tensor alone: then an exit head can read it, and a forward hook can shrink the batch to the samples that
 did not exit by returning a slice of it. In the ``torch.fx`` graph such points are articulation points:
-nodes that every input-dependent edge crossing the cut just after them starts from. Each one is
-attributed to the outermost named module whose forward returns it, filtered like the SelfXit paper
-does (no inference no-ops, not the final two layers, first-level components first) and described by
-its per-sample activation shape and the backbone FLOPs that remain after it.
+nodes that every data edge crossing the cut just after them starts from. Each one is attributed to the
+outermost named module whose forward returns it.
+
+What counts as data: the model's first input and everything computed from it, except *shape values*
+(``x.size()``, ``x.shape``, ``x.dim()``... and whatever is computed from those alone, e.g. ``bs * 2`` or
+``torch.zeros(bs, 1)``). Dropping rows changes only the batch component of a shape, so a read of the
+batch size is not data flow: :func:`batch_safe_module` recomputes it from the running tensor after an
+exit. Optional forward arguments (``attn_mask=None``, ``is_causal=False``) are held at their defaults.
+
+Which articulation points become candidates is decided by cost (:func:`candidate_table`): each one's
+cumulative share of the backbone FLOPs is measured, layers in the first ``min_flops_before`` (5%) of the
+FLOPs or with under ``min_flops_after`` (5%) of them left after, or with fewer FLOPs left than the
+cheapest head costs there, are rejected, and at most ``max_candidates`` are spread evenly over the
+cumulative FLOPs of the rest.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-from selfxit.core.flops import cumulative_flops, unknown_module_error
+from selfxit.core.flops import count_flops, cumulative_flops, unknown_module_error
 
 # Modules that leave a tensor unchanged at inference; an exit after one would duplicate its input's exit.
 _NO_OP_TYPES = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
     nn.Identity, nn.Flatten,
 )
+MIN_FLOPS_BEFORE = 0.05  # no candidate in the first 5% of the backbone's FLOPs (too little computed to exit)
+MIN_FLOPS_AFTER = 0.05  # none with under 5% of the FLOPs left after it (too little to save)
+MIN_FLOPS_GAP = 0.01  # of layers closer than 1% of the FLOPs apart (conv, bn, relu), only the last is kept
+CHEAPEST_HEAD = {"kind": "pool_mlp", "pool": 1, "hidden": []}  # global average pool + one linear layer
+
+# Reads of a tensor's shape, not of its values (torch.fx records ``x.shape`` as ``getattr(x, 'shape')``).
+_SHAPE_METHODS = frozenset({"size", "dim", "ndimension"})
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
+_BATCH_FREE = frozenset({"dim", "ndimension", "ndim", "dtype", "device", "is_cuda"})  # same for any batch
+DATA, SHAPE, CONSTANT = "data", "shape", "constant"
 
 
 @dataclass(frozen=True)
@@ -33,29 +55,65 @@ class Candidate:
         name: qualified module name, hookable via ``dict(model.named_modules())[name]``.
         shape: activation shape for one sample, without the batch dimension.
         remaining_flops: backbone FLOPs after this layer, per sample (see ``selfxit.core.flops``).
+        cumulative_flops_fraction: share of the backbone's FLOPs spent up to and including this layer
+            (0 to 1); None where it was not measured (bundles written before it existed).
     """
 
     name: str
     shape: tuple[int, ...]
     remaining_flops: int
+    cumulative_flops_fraction: float | None = None
 
     def to_dict(self) -> dict:
-        """JSON-friendly form: ``{"name", "shape" (a list), "remaining_flops"}``."""
-        return {"name": self.name, "shape": list(self.shape), "remaining_flops": self.remaining_flops}
+        """JSON-friendly form: ``{"name", "shape" (a list), "remaining_flops", "cumulative_flops_fraction"}``
+        (the fraction only when known)."""
+        out: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "remaining_flops": self.remaining_flops}
+        if self.cumulative_flops_fraction is not None:
+            out["cumulative_flops_fraction"] = self.cumulative_flops_fraction
+        return out
+
+
+@dataclass(frozen=True)
+class LayerVerdict:
+    """One articulation point's entry in :func:`candidate_table`: kept as a candidate, or why not.
+
+    ``shape`` is None for a module that does not return a tensor, the FLOPs fields are None for one that
+    never runs; ``reason`` is None exactly when ``kept``.
+    """
+
+    name: str
+    depth: int
+    shape: tuple[int, ...] | None
+    remaining_flops: int | None
+    cumulative_flops_fraction: float | None
+    kept: bool
+    reason: str | None = None
+
+    def candidate(self) -> Candidate:
+        """The kept layer as a :class:`Candidate`."""
+        if not self.kept or self.shape is None or self.remaining_flops is None:
+            raise ValueError(f"{self.name} is not a candidate: {self.reason}")
+        return Candidate(self.name, self.shape, self.remaining_flops, self.cumulative_flops_fraction)
+
+    def to_dict(self) -> dict:
+        """``Candidate.to_dict()``'s keys (shape may be null), plus ``kept`` and, when rejected, ``reason``."""
+        out: dict[str, Any] = {"name": self.name, "shape": None if self.shape is None else list(self.shape),
+                               "remaining_flops": self.remaining_flops,
+                               "cumulative_flops_fraction": self.cumulative_flops_fraction, "kept": self.kept}
+        if not self.kept:
+            out["reason"] = self.reason
+        return out
 
 
 def find_candidates(
-    model: nn.Module, example_input: torch.Tensor, max_candidates: int = 10, names: list[str] | None = None
+    model: nn.Module, example_input: torch.Tensor, max_candidates: int = 10, names: list[str] | None = None,
+    *, min_flops_before: float = MIN_FLOPS_BEFORE, min_flops_after: float = MIN_FLOPS_AFTER,
+    min_flops_gap: float = MIN_FLOPS_GAP,
 ) -> list[Candidate]:
     """Candidate exit layers of ``model`` in forward order, at most ``max_candidates`` of them.
 
-    Without ``names`` the candidates are the modules returned by :func:`articulation_modules`, minus
-    inference no-ops (dropout, identity, flatten, or any module returning its input unchanged) and modules
-    that do not run exactly once or do not return a tensor, minus the last two remaining (pooling and
-    classifier) and anything after them (see ``_without_head``), then picked shallowest first: all
-    top-level children, then depth-2 modules, and so on; a level that does not fit whole is sampled
-    evenly in forward order. If the model cannot be traced by ``torch.fx``, its top-level children are
-    used instead, with a warning.
+    Without ``names``: the layers :func:`candidate_table` keeps (articulation points chosen by cost; the
+    ``min_flops_*`` settings are its).
 
     With ``names`` exactly those modules are described, in forward order, after checking that each exists,
     runs exactly once and returns a tensor (ValueError otherwise); no filter or cap applies.
@@ -64,64 +122,45 @@ def find_candidates(
     """
     if max_candidates < 1:
         raise ValueError(f"max_candidates must be at least 1, got {max_candidates}")
+    if names is None:
+        table = candidate_table(model, example_input, max_candidates, min_flops_before=min_flops_before,
+                                min_flops_after=min_flops_after, min_flops_gap=min_flops_gap)
+        return [entry.candidate() for entry in table if entry.kept]
     x = example_input[:1]
-    chosen, shapes = _validated(model, x, names) if names is not None else _automatic(model, x, max_candidates)
+    chosen, shapes = _validated(model, x, names)
     if not chosen:
         return []
     total, reached = cumulative_flops(model, example_input, chosen)
-    return [Candidate(name, shapes[name], total - reached[name]) for name in chosen]
+    return [Candidate(name, shapes[name], total - reached[name], _fraction(reached[name], total)) for name in chosen]
 
 
-def articulation_modules(model: nn.Module) -> list[tuple[str, int]]:
-    """(qualified module name, depth) of every module ending at an articulation point, in forward order.
+def candidate_table(
+    model: nn.Module, example_input: torch.Tensor, max_candidates: int = 10,
+    *, min_flops_before: float = MIN_FLOPS_BEFORE, min_flops_after: float = MIN_FLOPS_AFTER,
+    min_flops_gap: float = MIN_FLOPS_GAP,
+) -> list[LayerVerdict]:
+    """Every articulation point of ``model`` (:func:`articulation_modules`) in forward order, kept or not.
 
-    The model is traced with ``torch.fx`` (in eval mode). A node is an articulation point when no
-    input-dependent node before it is used after it. It is attributed to the outermost named module, called
-    once, whose last input-dependent node it is; nodes no submodule returns (functional ops in a forward)
-    are dropped. Depth is the number of components in the name (``layer2`` is 1, ``layer2.3`` is 2).
-    No filter is applied here, and whether the output is a tensor is only checked by :func:`find_candidates`,
-    which runs the model. Tracing errors propagate.
+    A layer is rejected, with the first reason that applies, when it
+    - is an inference no-op (dropout, identity, flatten) or returns its input tensor unchanged,
+    - does not run exactly once per forward pass, or does not return a tensor,
+    - ends within the first ``min_flops_before`` of the backbone's FLOPs (an exit there has seen too little),
+    - leaves under ``min_flops_after`` of the FLOPs after it, or fewer FLOPs than the cheapest head
+      (:data:`CHEAPEST_HEAD`, global pooling and one linear layer) costs on its output (no exit there can
+      pay for its head),
+    - where more layers remain than ``max_candidates``, lies deeper than the coarsest module level that
+      still has ``max_candidates`` of them (block outputs, not the layers inside blocks),
+    - lies less than ``min_flops_gap`` (1%) of the FLOPs after the first of a run of remaining layers
+      (near-duplicates such as conv, norm, activation) and is not its shallowest, or last of the shallowest,
+    - is not among the ``max_candidates`` picked from the remaining ones so that their cumulative FLOPs
+      fractions lie as close as possible to evenly spaced points from the first to the last of them.
+
+    If the model cannot be traced by ``torch.fx``, its top-level children are judged instead, with a warning.
+    ``example_input`` is a batch; only ``example_input[:1]`` is run. The model is left as found.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()  # branches on self.training (e.g. stochastic depth) must take their inference path
-        graph = fx.Tracer().trace(model)
-    finally:
-        for m, training in modes:
-            m.training = training
-
-    nodes = list(graph.nodes)
-    position = {node: i for i, node in enumerate(nodes)}
-    dependent: dict[fx.Node, None] = {}  # input-dependent nodes in order; parameters and constants are ignored
-    for node in nodes:
-        if node.op == "placeholder" or any(arg in dependent for arg in node.all_input_nodes):
-            dependent[node] = None
-    return _attribute(list(dependent), position)
-
-
-def _attribute(dependent: list[fx.Node], position: dict[fx.Node, int]) -> list[tuple[str, int]]:
-    """Articulation points among ``dependent`` (in order) mapped to the outermost module ending there."""
-    ends: dict[str, fx.Node] = {}
-    call_keys: dict[str, set[str]] = {}
-    for node in dependent:
-        for key, (name, _) in node.meta.get("nn_module_stack", {}).items():
-            ends[name] = node
-            call_keys.setdefault(name, set()).add(key)  # fx keys a module's n-th call "name@n"
-
-    found = []
-    reach = -1  # furthest use of any dependent node seen so far
-    for node in dependent:
-        if node.op not in ("placeholder", "output") and reach <= position[node]:
-            for name, _ in node.meta.get("nn_module_stack", {}).values():  # outermost first
-                if name and ends[name] is node and len(call_keys[name]) == 1:
-                    found.append((name, name.count(".") + 1))
-                    break
-        reach = max([reach, position[node]] + [position[user] for user in node.users])
-    return found
-
-
-def _automatic(model: nn.Module, x: torch.Tensor, cap: int) -> tuple[list[str], dict[str, tuple[int, ...]]]:
-    """Filtered, capped candidate names in forward order, and the per-sample shapes of their outputs."""
+    if max_candidates < 1:
+        raise ValueError(f"max_candidates must be at least 1, got {max_candidates}")
+    x = example_input[:1]
     try:
         ranked = articulation_modules(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
@@ -135,45 +174,347 @@ def _automatic(model: nn.Module, x: torch.Tensor, cap: int) -> tuple[list[str], 
     else:
         probe = _probe(model, x, [name for name, _ in ranked])
     modules = dict(model.named_modules())
-    kept = [
-        (name, depth)
-        for name, depth in ranked
-        if not isinstance(modules[name], _NO_OP_TYPES)
-        and probe.calls.get(name) == 1
-        and name in probe.shapes
-        and name not in probe.passthrough
+
+    ran = [name for name, _ in ranked if probe.calls.get(name, 0) >= 1]
+    total, reached = cumulative_flops(model, x, ran) if ran else (0, {})
+    classes = probe.classes
+    head_cost: dict[tuple[int, ...], int | None] = {}
+
+    def verdict(name: str) -> str | None:
+        module, calls, shape = modules[name], probe.calls.get(name, 0), probe.shapes.get(name)
+        if isinstance(module, _NO_OP_TYPES):
+            return f"no-op at inference ({type(module).__name__})"
+        if calls != 1:
+            return "never runs during forward" if calls == 0 else f"runs {calls} times per forward pass"
+        if shape is None:
+            return "does not return a tensor"
+        if name in probe.passthrough:
+            return "returns its input tensor unchanged"
+        before = _fraction(reached[name], total)
+        if before < min_flops_before:
+            return f"only {before:.1%} of the FLOPs are spent before it (minimum {min_flops_before:.0%})"
+        remaining = total - reached[name]
+        if 1 - before < min_flops_after:
+            return f"only {1 - before:.1%} of the FLOPs remain after it (minimum {min_flops_after:.0%})"
+        if shape not in head_cost:
+            head_cost[shape] = _cheapest_head_flops(shape, classes)
+        cost = head_cost[shape]
+        if cost is not None and remaining <= cost:
+            return f"the {remaining:,} FLOPs left after it do not pay for the cheapest head ({cost:,} FLOPs)"
+        return None
+
+    reasons = {name: verdict(name) for name, _ in ranked}
+    fraction = {name: _fraction(reached[name], total) for name in reached}
+    _choose([name for name, _ in ranked if reasons[name] is None], fraction, dict(ranked), reasons,
+            max_candidates, min_flops_gap)
+    return [
+        LayerVerdict(name, d, probe.shapes.get(name), total - reached[name] if name in reached else None,
+                     fraction.get(name), reasons[name] is None, reasons[name])
+        for name, d in ranked
     ]
-    return _shallow_first(_without_head(kept), cap), probe.shapes
 
 
-def _without_head(entries: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """``entries`` (forward order) minus the last two layers, which end the network (pooling, classifier).
+def _choose(eligible: list[str], fraction: dict[str, float], depth: dict[str, int], reasons: dict[str, str | None],
+            cap: int, gap: float) -> None:
+    """Pick at most ``cap`` of ``eligible`` (forward order), writing why each other one was not into ``reasons``:
+    the coarsest module level that can fill the cap, one layer per run of near-duplicates, then the spread."""
+    if len(eligible) > cap:  # blocks, not their insides
+        level = min(d for d in set(depth.values()) if sum(depth[n] <= d for n in eligible) >= cap)
+        coarse = [name for name in eligible if depth[name] <= level]
+        for name in eligible:
+            if depth[name] > level:
+                reasons[name] = (f"inside a block: the {len(coarse)} eligible layers at depth <= {level} "
+                                 f"already fill max_candidates ({cap})")
+        eligible = coarse
+    for run in _near_duplicates([fraction[n] for n in eligible], gap):
+        best = eligible[min(run, key=lambda i: (depth[eligible[i]], -i))]  # the shallowest, then the last
+        for name in (eligible[i] for i in run if eligible[i] != best):
+            reasons[name] = (f"near-duplicate of {best}, {abs(fraction[best] - fraction[name]):.1%} of the FLOPs "
+                             f"apart (of layers closer than {gap:.0%}, only the shallowest, then the last, is "
+                             "considered)")
+    eligible = [name for name in eligible if reasons[name] is None]
+    chosen = set(_spread([fraction[n] for n in eligible], [depth[n] for n in eligible], cap))
+    for i, name in enumerate(eligible):
+        if i not in chosen:
+            reasons[name] = f"not among the {cap} spread over the FLOPs (max_candidates)"
 
-    The last two are taken at the shallowest depth present, together with everything after the earlier of
-    them, so that layers inside the head (e.g. ``classifier.0`` of a two-layer classifier) go with it.
-    Where that depth has a single entry (a wrapper around the real network), the last two of the flat list.
+
+def _fraction(part: int, total: int) -> float:
+    return float(part) / total if total > 0 else 0.0
+
+
+def _cheapest_head_flops(shape: tuple[int, ...], classes: int | None) -> int | None:
+    """FLOPs of :data:`CHEAPEST_HEAD` on one activation of ``shape``; None where no head fits that shape."""
+    from selfxit.core.heads import build_head
+    if classes is None:
+        return None
+    try:
+        head = build_head(CHEAPEST_HEAD, shape, classes)
+    except ValueError:
+        return None
+    return count_flops(head, torch.zeros(1, *shape))
+
+
+def _near_duplicates(fractions: list[float], gap: float) -> list[list[int]]:
+    """Runs of indices (``fractions`` ascending) that start at a fraction and hold every later one less than
+    ``gap`` beyond that start; runs of a single index are left out."""
+    runs: list[list[int]] = []
+    start = 0
+    for i in range(1, len(fractions) + 1):
+        if i == len(fractions) or fractions[i] - fractions[start] >= gap:
+            if i - start > 1:
+                runs.append(list(range(start, i)))
+            start = i
+    return runs
+
+
+def _spread(fractions: list[float], depths: list[int], cap: int) -> list[int]:
+    """Indices of at most ``cap`` of ``fractions`` (ascending), closest to evenly spaced targets.
+
+    The targets run from the first to the last fraction (one target: their midpoint); the chosen indices,
+    in increasing order, minimise the summed distance to them (dynamic programming), the shallower layer
+    winning ties.
     """
-    if not entries:
-        return []
-    shallowest = min(depth for _, depth in entries)
-    top = [i for i, (_, depth) in enumerate(entries) if depth == shallowest]
-    cut = min(len(entries) - 2, top[-2] if len(top) >= 2 else len(entries))
-    return entries[: max(cut, 0)]
+    n = len(fractions)
+    if n <= cap:
+        return list(range(n))
+    lo, hi = fractions[0], fractions[-1]
+    targets = [(lo + hi) / 2] if cap == 1 else [lo + j * (hi - lo) / (cap - 1) for j in range(cap)]
+    inf = float("inf")
+    # cost[j][i]: best total for targets 0..j with target j matched to index i; back[j][i]: index for j-1.
+    cost = [[inf] * n for _ in range(cap)]
+    back = [[-1] * n for _ in range(cap)]
+    for i in range(n):
+        cost[0][i] = abs(fractions[i] - targets[0]) + 1e-9 * depths[i]
+    for j in range(1, cap):
+        best, arg = inf, -1
+        for i in range(j, n):
+            if cost[j - 1][i - 1] < best:
+                best, arg = cost[j - 1][i - 1], i - 1
+            cost[j][i] = best + abs(fractions[i] - targets[j]) + 1e-9 * depths[i]
+            back[j][i] = arg
+    i = min(range(n), key=lambda k: cost[cap - 1][k])
+    picked = []
+    for j in range(cap - 1, -1, -1):
+        picked.append(i)
+        i = back[j][i]
+    return picked[::-1]
 
 
-def _shallow_first(entries: list[tuple[str, int]], cap: int) -> list[str]:
-    """Names from ``entries`` (forward order), shallowest levels first, a level that overflows sampled evenly."""
-    chosen: set[str] = set()
-    for depth in sorted({d for _, d in entries}):
-        room = cap - len(chosen)
-        if room <= 0:
-            break
-        level = [name for name, d in entries if d == depth]
-        if len(level) > room:
-            level = [level[(2 * k + 1) * len(level) // (2 * room)] for k in range(room)]  # centre of each bin
-        chosen.update(level)
-    return [name for name, _ in entries if name in chosen]
+# ---- the traced graph ----------------------------------------------------------------------------
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with some named submodules kept as single ``call_module`` nodes (leaves)."""
+
+    def __init__(self, leaves: frozenset[str] = frozenset()):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
+
+
+def constant_arguments(model: nn.Module) -> dict[str, Any]:
+    """The optional arguments of ``model.forward`` with their defaults: traced as constants, not as inputs."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default for p in parameters[1:]
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+    }
+
+
+def trace(model: nn.Module, leaves: frozenset[str] = frozenset()) -> fx.Graph:
+    """The ``torch.fx`` graph of ``model`` in eval mode, optional arguments at their defaults, ``leaves``
+    (qualified module names) not traced into. The model's training flags are restored; errors propagate."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()  # branches on self.training (e.g. stochastic depth) must take their inference path
+        return _Tracer(leaves).trace(model, concrete_args=constant_arguments(model) or None)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _is_shape_read(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    return (node.op == "call_function" and node.target is getattr and len(node.args) >= 2
+            and node.args[1] in _SHAPE_ATTRIBUTES)
+
+
+def classify(graph: fx.Graph) -> dict[fx.Node, str]:
+    """DATA, SHAPE or CONSTANT for each node, in graph order.
+
+    The first placeholder is DATA (other placeholders are constants). A read of a DATA or SHAPE value's
+    shape (``size``, ``shape``, ``dim``...) is SHAPE; any other node is DATA if one of its inputs is, else
+    SHAPE if one of its inputs is, else CONSTANT.
+    """
+    kinds: dict[fx.Node, str] = {}
+    first = True
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            kinds[node], first = (DATA if first else CONSTANT), False
+            continue
+        inputs = {kinds[arg] for arg in node.all_input_nodes}
+        if _is_shape_read(node) and node.args and isinstance(node.args[0], fx.Node) and kinds[node.args[0]] != CONSTANT:
+            kinds[node] = SHAPE
+        else:
+            kinds[node] = DATA if DATA in inputs else SHAPE if SHAPE in inputs else CONSTANT
+    return kinds
+
+
+def articulation_modules(model: nn.Module) -> list[tuple[str, int]]:
+    """(qualified module name, depth) of every module ending at an articulation point, in forward order.
+
+    The model is traced with :func:`trace`. A node is an articulation point when no DATA node
+    (:func:`classify`) before it is used by a DATA node after it. It is attributed to the outermost named
+    module, called once, whose last DATA node it is; nodes no submodule returns (functional ops in a
+    forward) are dropped. Depth is the number of components in the name (``layer2`` is 1, ``layer2.3`` is
+    2). No filter is applied here, and whether the output is a tensor is only checked by
+    :func:`candidate_table`, which runs the model. Tracing errors propagate.
+    """
+    graph = trace(model)
+    kinds = classify(graph)
+    nodes = list(graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    dependent = [node for node in nodes if kinds[node] == DATA]
+    return _attribute(dependent, position, kinds)
+
+
+def _attribute(dependent: list[fx.Node], position: dict[fx.Node, int],
+               kinds: dict[fx.Node, str]) -> list[tuple[str, int]]:
+    """Articulation points among ``dependent`` (in order) mapped to the outermost module ending there."""
+    ends: dict[str, fx.Node] = {}
+    call_keys: dict[str, set[str]] = {}
+    for node in dependent:
+        for key, (name, _) in node.meta.get("nn_module_stack", {}).items():
+            ends[name] = node
+            call_keys.setdefault(name, set()).add(key)  # fx keys a module's n-th call "name@n"
+
+    found = []
+    reach = -1  # furthest use of any dependent node by a dependent node seen so far
+    for node in dependent:
+        if node.op not in ("placeholder", "output") and reach <= position[node]:
+            for name, _ in node.meta.get("nn_module_stack", {}).values():  # outermost first
+                if name and ends[name] is node and len(call_keys[name]) == 1:
+                    found.append((name, name.count(".") + 1))
+                    break
+        uses = [position[user] for user in node.users if kinds[user] == DATA]
+        reach = max([reach, position[node], *uses])
+    return found
+
+
+# ---- batch-size reads after an exit --------------------------------------------------------------
+
+def _rebatched(shape: torch.Size, running: torch.Tensor) -> torch.Size:
+    """A shape read before an exit, with its batch component replaced by the batch size of ``running``."""
+    return torch.Size((running.shape[0], *shape[1:]))
+
+
+def _batch_size(running: torch.Tensor) -> int:
+    """The batch size of ``running`` (the output of the last exit: the rows still running)."""
+    return running.shape[0]
+
+
+def _rebatched_dim(tensor: torch.Tensor, running: torch.Tensor, dim: int) -> int:
+    """``tensor.size(dim)`` read before an exit, as it reads on the rows of ``running``."""
+    return running.shape[0] if dim % tensor.dim() == 0 else tensor.size(dim)
+
+
+def batch_safe_module(model: nn.Module, exit_names: list[str]) -> nn.Module:
+    """``model``, or a ``torch.fx.GraphModule`` that computes the same where shrinking at ``exit_names``
+    would otherwise break: a forward that reads the batch size before an exit (``bs = x.size(0)``) and uses
+    it after (``x.view(bs, -1)``).
+
+    The graph is traced with the exits as leaf modules (the GraphModule calls the same module objects,
+    so hooks on them fire). Every shape value used after an exit but read from a tensor made before it is
+    recomputed just before its use, with the batch size read from the exit's output (the running rows);
+    other dimensions are read as before. Where nothing needs recomputing, or the model cannot be traced,
+    ``model`` itself is returned. The GraphModule holds the model's own submodules and parameters (not
+    copies), and follows the branches the model takes in eval mode.
+    """
+    names = frozenset(exit_names)
+    if not names:
+        return model
+    try:
+        graph = trace(model, names)
+    except Exception:  # untraceable: hooks on the model itself are all there is
+        return model
+    kinds = classify(graph)
+    nodes = list(graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    exits = [node for node in nodes if node.op == "call_module" and node.target in names]
+    if not exits or SHAPE not in kinds.values():
+        return model
+
+    def last_exit_before(node: fx.Node) -> fx.Node | None:
+        before = [e for e in exits if position[e] < position[node]]
+        return before[-1] if before else None
+
+    changed = False
+    for user in nodes:
+        if kinds[user] != DATA or not any(kinds[a] == SHAPE for a in user.all_input_nodes):
+            continue
+        running = last_exit_before(user)
+        if running is None:
+            continue
+        copies: dict[fx.Node, fx.Node] = {}
+        with graph.inserting_before(user):
+            for arg in [a for a in user.all_input_nodes if kinds[a] == SHAPE]:
+                fresh = _recompute(arg, running, position, kinds, copies, graph)
+                if fresh is not arg:
+                    user.replace_input_with(arg, fresh)
+                    changed = True
+    if not changed:
+        return model
+    graph.lint()
+    # Not .eval(): that would reach the shared submodules; the graph was traced on the inference branches.
+    return fx.GraphModule(model, graph, class_name=f"BatchSafe{type(model).__name__}")
+
+
+def _recompute(node: fx.Node, running: fx.Node, position: dict[fx.Node, int], kinds: dict[fx.Node, str],
+               copies: dict[fx.Node, fx.Node], graph: fx.Graph) -> fx.Node:
+    """``node`` (a SHAPE value) recomputed at the insertion point for the rows of ``running``, or ``node``
+    itself where none of its shape reads sees a tensor from before ``running``."""
+    if node in copies:
+        return copies[node]
+    result = node
+    if _is_shape_read(node):
+        source = node.args[0]
+        assert isinstance(source, fx.Node)
+        stale_source = kinds[source] == DATA and position[source] < position[running]
+        if kinds[source] == SHAPE:
+            fresh_source = _recompute(source, running, position, kinds, copies, graph)
+            if fresh_source is not source:
+                result = graph.node_copy(node, lambda a: fresh_source if a is source else a)
+        elif stale_source and not _batch_free(node):
+            dim = None  # getattr(x, "shape")
+            if node.op == "call_method":  # x.size(...)
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if dim is None:  # x.shape, x.size()
+                result = graph.call_function(_rebatched, (node, running))
+            elif isinstance(dim, int) and dim >= 0:  # x.size(0) is the batch size, x.size(1) is not
+                result = graph.call_function(_batch_size, (running,)) if dim == 0 else node
+            else:  # x.size(-4): the batch if it counts back to dimension 0
+                result = graph.call_function(_rebatched_dim, (source, running, dim))
+    else:
+        inputs = {a: _recompute(a, running, position, kinds, copies, graph)
+                  for a in node.all_input_nodes if kinds[a] == SHAPE}
+        if any(fresh is not a for a, fresh in inputs.items()):
+            result = graph.node_copy(node, lambda a: inputs.get(a, a))
+    copies[node] = result
+    return result
+
+
+def _batch_free(node: fx.Node) -> bool:
+    """Whether a shape read is the same for any batch size (``dim()``, ``dtype``...)."""
+    return (node.target if node.op == "call_method" else node.args[1]) in _BATCH_FREE
+
+
+# ---- probing the model ---------------------------------------------------------------------------
 
 def _validated(model: nn.Module, x: torch.Tensor, names: list[str]) -> tuple[list[str], dict[str, tuple[int, ...]]]:
     """User-chosen exit names, checked and put in forward order, and the per-sample shapes of their outputs."""
@@ -198,6 +539,7 @@ class _Probe:
     calls: dict[str, int]
     shapes: dict[str, tuple[int, ...]]  # per-sample output shape, for names whose first call returned a tensor
     passthrough: set[str]  # names that returned their input tensor unmodified
+    classes: int | None = None  # the model's number of outputs, when it returns [batch, classes]
 
 
 def _probe(model: nn.Module, x: torch.Tensor, names: list[str]) -> _Probe:
@@ -229,7 +571,9 @@ def _probe(model: nn.Module, x: torch.Tensor, names: list[str]) -> _Probe:
             handles.append(modules[name].register_forward_hook(lambda m, a, o, name=name: after(name, m, a, o)))
         model.eval()
         with torch.no_grad():
-            model(x)
+            output = model(x)
+        if isinstance(output, torch.Tensor) and output.ndim == 2:
+            probe.classes = int(output.shape[1])
     finally:
         for handle in handles:
             handle.remove()

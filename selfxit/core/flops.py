@@ -20,10 +20,15 @@ hooks and attributes are restored, and no autograd graph outlives the profiled f
 All counts are for a single sample: the profiled batch is ``example_input[:1]``.
 
 DeepSpeed is the ``flops`` extra (``pip install 'selfxit[flops]'``, part of ``[all]``). Without it, or
-where its profiler raises on a module (e.g. a conv whose stride is stored as a list), counts come from
-``torch.utils.flop_counter.FlopCounterMode`` with a warning: that counter counts matmuls and
-convolutions (2 x MACs) and attention, but not norms, activations or pooling, so its totals are a few
-percent lower for CNNs. A bundle records which counter it was measured with.
+where its profiler raises on a module (e.g. a conv whose stride is stored as a list, as in
+efficientnet-lite-pytorch), counts come from ``torch.utils.flop_counter.FlopCounterMode`` with a warning:
+that counter counts matmuls and convolutions (2 x MACs, no conv bias) and attention (run the same way,
+grad on, and with a formula added for CPU flash attention, which torch's counter lacks), but not norms,
+activations or pooling. Measured against DeepSpeed (tests/core/test_flops.py): totals 0.6% lower for
+the CIFAR ResNets, 0.2-0.4% for torchvision's ResNets and ConvNeXt, 1.5% for RegNet, 2.6-2.8% for
+MobileNetV3 and EfficientNet (activations and squeeze-excitation), 0.1% for ViT; the cumulative fractions
+at candidate layers agree within about one point. ``counter="deepspeed"`` or ``"torch"`` forces one
+(no fallback). A bundle records which counter it was measured with.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import difflib
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 from torch import nn
@@ -61,15 +67,24 @@ def counter_name() -> str:
     return DEEPSPEED if deepspeed_available() else TORCH
 
 
-def _with_fallback(deepspeed_count: Callable, torch_count: Callable, what: str):
-    """DeepSpeed's count, or torch's when DeepSpeed is missing or its profiler raises (with a warning)."""
+COUNTERS = ("deepspeed", "torch")  # what ``counter=`` takes; None: DeepSpeed, falling back to torch
+
+
+def _with_fallback(deepspeed_count: Callable, torch_count: Callable, what: str, counter: str | None = None):
+    """DeepSpeed's count, or torch's when DeepSpeed is missing or its profiler raises (with a warning).
+
+    ``counter`` forces one of :data:`COUNTERS`, without fallback (errors propagate)."""
+    if counter is not None:
+        if counter not in COUNTERS:
+            raise ValueError(f"counter must be one of {COUNTERS} or None; got {counter!r}")
+        return deepspeed_count() if counter == "deepspeed" else torch_count()
     if not deepspeed_available():
         _warn_once("missing", "DeepSpeed is not installed (pip install 'selfxit[flops]'): FLOPs are counted with "
                               "torch's FlopCounterMode, which leaves out norms, activations and pooling")
         return torch_count()
     try:
         return deepspeed_count()
-    except (TypeError, AttributeError, RuntimeError) as exc:
+    except Exception as exc:  # any failure of the profiler's formulas; a broken forward fails again below
         _warn_once(f"failed:{what}", f"DeepSpeed's flops profiler failed on {what} ({type(exc).__name__}: {exc}); "
                                      "counting its FLOPs with torch's FlopCounterMode instead")
         return torch_count()
@@ -84,8 +99,10 @@ def _deepspeed_profiler():
     return profiler
 
 
-def count_flops(module: nn.Module, example_input: torch.Tensor) -> int:
-    """FLOPs of one forward pass of module on example_input (batch 1, taken from example_input[:1])."""
+def count_flops(module: nn.Module, example_input: torch.Tensor, counter: str | None = None) -> int:
+    """FLOPs of one forward pass of module on example_input (batch 1, taken from example_input[:1]).
+
+    ``counter``: "deepspeed" or "torch" to force one counter (no fallback); None, DeepSpeed with fallback."""
     def deepspeed_count() -> int:
         with _profiling(module) as prof:
             module(_one_sample(example_input))
@@ -96,17 +113,18 @@ def count_flops(module: nn.Module, example_input: torch.Tensor) -> int:
             module(_one_sample(example_input))
             return int(mode.get_total_flops())
 
-    return _with_fallback(deepspeed_count, torch_count, type(module).__name__)
+    return _with_fallback(deepspeed_count, torch_count, type(module).__name__, counter)
 
 
 def cumulative_flops(
-    model: nn.Module, example_input: torch.Tensor, layer_names: list[str]
+    model: nn.Module, example_input: torch.Tensor, layer_names: list[str], counter: str | None = None
 ) -> tuple[int, dict[str, int]]:
     """(total FLOPs of the model, {layer_name: FLOPs spent up to and including that layer's forward output}).
 
     Forward hooks on the named submodules read the profiler's running total when they fire during one
     profiled forward pass of ``example_input[:1]``. The FLOPs remaining after a layer are
     ``total - cumulative[layer]``. A layer called several times is credited at its first call.
+    ``counter`` as for :func:`count_flops`.
 
     Raises:
         ValueError: a name is not a submodule of ``model``, or a named layer never runs in forward.
@@ -143,7 +161,7 @@ def cumulative_flops(
             run(mode.get_total_flops)
             return int(mode.get_total_flops())
 
-    total = _with_fallback(deepspeed_count, torch_count, type(model).__name__)
+    total = _with_fallback(deepspeed_count, torch_count, type(model).__name__, counter)
     missing = [name for name in layer_names if name not in reached]
     if missing:
         raise ValueError(f"layer(s) {missing} never ran during the forward pass, so no FLOPs can be placed after them")
@@ -160,7 +178,7 @@ def unknown_module_error(name: str, modules: dict[str, nn.Module]) -> ValueError
 
 def _running_total(model: nn.Module) -> int:
     """FLOPs counted so far in the current profiled forward pass."""
-    finished = sum(m.__flops__ for m in model.modules())
+    finished = sum(cast(int, m.__flops__) for m in model.modules())  # set by DeepSpeed on every module
     # Functionals called directly in a still-running forward (e.g. F.relu in the top-level forward)
     # sit in DeepSpeed's per-module stack until that module returns.
     pending = sum(flops for frame in _deepspeed_profiler().module_flop_count for _, flops in frame)
@@ -201,15 +219,37 @@ def _profiling(model: nn.Module) -> Iterator:
             m.training = training
 
 
+def _torch_cpu_attention() -> dict:
+    """FlopCounterMode's attention formula for the CPU flash-attention kernel, which it has none for (torch 2.x):
+    without it, ``scaled_dot_product_attention`` on CPU counts nothing."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return {}
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def formula(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {op: formula}
+
+
 @contextlib.contextmanager
 def _torch_counting(model: nn.Module) -> Iterator:
-    """Count with torch's FlopCounterMode in eval mode, restoring training flags afterwards."""
+    """Count with torch's FlopCounterMode in eval mode, with grad on as for DeepSpeed (so that fused attention
+    fast paths, which that counter does not see either, are not taken), restoring modes and ``requires_grad``."""
     from torch.utils.flop_counter import FlopCounterMode
     modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
         model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as mode:
+        for p, _ in grads:
+            if p.is_floating_point() or p.is_complex():
+                p.requires_grad_(True)
+        with torch.inference_mode(False), torch.enable_grad(), \
+                FlopCounterMode(display=False, custom_mapping=_torch_cpu_attention()) as mode:
             yield mode
     finally:
+        for p, requires_grad in grads:
+            p.requires_grad_(requires_grad)
         for m, training in modes:
             m.training = training

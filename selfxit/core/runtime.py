@@ -5,7 +5,9 @@ layer's output; samples whose calibrated confidence reaches the threshold are an
 removed from the batch (the hook returns the smaller tensor, so the rest of the backbone only sees
 the samples still running); when none are left the backbone stops. Because an exit layer is a
 point where the rest of the network depends on that tensor alone, the samples that go on get
-exactly the computation the plain backbone would give them.
+exactly the computation the plain backbone would give them. A forward that reads the batch size before
+an exit and uses it after (``bs = x.size(0)`` ... ``x.view(bs, -1)``) runs as a traced graph that reads it
+from the running rows instead (:func:`selfxit.core.candidates.batch_safe_module`).
 
 One subtlety keeps that exact: CPU kernels take a different code path for a batch of one (oneDNN
 convolutions, GEMV instead of GEMM), which changes the last bits. So a batch that started with two
@@ -15,11 +17,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from torch import nn
 
+from selfxit.core.candidates import batch_safe_module
 from selfxit.core.exits import ExitRecord
 
 FINAL = -1  # exit index of samples answered by the backbone itself
@@ -59,10 +62,11 @@ def _with_temperature(head: nn.Module, temperature: float) -> nn.Module:
     if not isinstance(last, nn.Linear):
         return nn.Sequential(head, _Scale(1.0 / temperature)).eval()
     scaled = copy.deepcopy(head).eval()
+    scaled_last = cast(nn.Linear, cast(nn.Sequential, scaled)[-1])  # checked on ``last`` above
     with torch.no_grad():
-        scaled[-1].weight.div_(temperature)
-        if scaled[-1].bias is not None:
-            scaled[-1].bias.div_(temperature)
+        scaled_last.weight.div_(temperature)
+        if scaled_last.bias is not None:
+            scaled_last.bias.div_(temperature)
     return scaled
 
 
@@ -113,6 +117,8 @@ class EarlyExitRunner:
         if missing:
             raise ValueError(f"exit layers {missing} are not modules of the backbone")
         self._modules = [modules[e.layer] for e in self.exits]
+        # the backbone itself, or its traced graph where it reads the batch size before an exit and uses it after
+        self._forward = batch_safe_module(backbone, [e.layer for e in self.exits])
         self._scaled_heads = [_with_temperature(e.head, e.temperature) for e in self.exits]
         # only gates that read the previous exit need its probabilities carried for the surviving rows
         self._carry_previous = any(getattr(e.gate, "previous", False) for e in self.exits)
@@ -168,7 +174,7 @@ class EarlyExitRunner:
         try:
             self._pass = _Pass(batch, self.num_classes, len(self.exits), shrink, callback, x.device)
             try:
-                final_logits = self.backbone(x)
+                final_logits = self._forward(x)
             except _AllExited:
                 final_logits = None
             state = self._pass

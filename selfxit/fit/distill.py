@@ -1,10 +1,16 @@
-"""Train one exit head by KL self-distillation to the backbone's softmax (no labels anywhere)."""
+"""Train one exit head by KL self-distillation to the backbone's softmax (no labels anywhere).
+
+Training streams from the medial dataset's shards: a head's training features (the output of its
+parameter-free stem on the stored rows) and the teacher's probabilities are held in memory only when
+they take at most ``DistillConfig.memory_mb``; beyond that each batch is read from the shards. The
+batches and their order are the same either way (one seeded permutation per epoch), so the trained
+head does not depend on the memory setting.
+"""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
-
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,10 +31,12 @@ class DistillConfig:
     lr: float = 5e-3
     weight_decay: float = 5e-4
     seed: int = 0
+    memory_mb: float = 64.0  # training features (and teacher) per head held in memory up to this; beyond: streamed
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"invalid DistillConfig {self}: epochs and batch_size >= 1, lr > 0, weight_decay >= 0")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0 or self.memory_mb < 0:
+            raise ValueError(f"invalid DistillConfig {self}: epochs and batch_size >= 1, lr > 0, weight_decay >= 0, "
+                             "memory_mb >= 0")
 
 
 @contextlib.contextmanager
@@ -40,10 +48,56 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def stem_features(stem: nn.Module, medial: MedialDataset, candidate: str, rows: np.ndarray) -> torch.Tensor:
-    """Apply a head's parameter-free stem to the stored activations of the given rows, chunk by chunk."""
+class StoredRows:
+    """Per-row tensors computed from stored rows (``load(rows) -> Tensor``), indexable like a tensor
+    (``x[batch]``, ``len(x)``): all held in memory when they take at most ``memory_bytes``, else each index
+    reads its rows from the shards."""
+
+    def __init__(self, load, rows: np.ndarray, row_bytes: int, memory_bytes: float):
+        self.rows, self._load = np.asarray(rows), load
+        self.in_memory = len(self.rows) * row_bytes <= memory_bytes
+        self._all = load(self.rows) if self.in_memory else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if self._all is not None:
+            return self._all[index]
+        index = index.numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
+        return self._load(self.rows[index])
+
+
+def _stored(medial: MedialDataset, candidate: str, rows: np.ndarray, chunk: int = 512):
+    """Stored activations of ``rows`` as float32, chunk by chunk (activations only, not the teacher)."""
+    for start in range(0, len(rows), chunk):
+        yield torch.from_numpy(medial.activations(candidate, rows[start:start + chunk])).float()
+
+
+def _mb(memory_mb: float | None) -> float:
+    return DistillConfig.memory_mb * 2**20 if memory_mb is None else memory_mb * 2**20
+
+
+def stem_features(stem: nn.Module, medial: MedialDataset, candidate: str, rows: np.ndarray,
+                  memory_mb: float | None = None) -> StoredRows:
+    """A head's parameter-free stem (``split_stem(head)[0]``) on the stored rows, as :class:`StoredRows`: the
+    stored reduction is the stem's first op (see :meth:`MedialDataset.input_stage`), so only the rest runs."""
+    stage = medial.input_stage(candidate, stem if isinstance(stem, nn.Sequential) else nn.Sequential(stem))
+    shape = medial.meta.stored_shapes[medial.candidates.index(candidate)]
     with torch.no_grad():
-        return torch.cat([stem(x) for x, _, _ in medial.batches(candidate, rows)])
+        example = stage(torch.zeros(1, *shape))
+
+    def load(subset: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            parts = [stage(x) for x in _stored(medial, candidate, subset)]
+        return torch.cat(parts) if parts else example.new_zeros((0, *example.shape[1:]))
+
+    return StoredRows(load, rows, example.numel() * 4, _mb(memory_mb))
+
+
+def teacher_rows(medial: MedialDataset, rows: np.ndarray, memory_mb: float | None = None) -> StoredRows:
+    """The backbone's softmax of ``rows`` as :class:`StoredRows` (in memory up to ``memory_mb``)."""
+    return StoredRows(medial.teacher, rows, medial.meta.num_classes * 4, _mb(memory_mb))
 
 
 def distill_head(head: nn.Sequential, medial: MedialDataset, candidate: str, rows: np.ndarray,
@@ -58,8 +112,8 @@ def distill_head(head: nn.Sequential, medial: MedialDataset, candidate: str, row
         raise ValueError(f"no training rows for head at {candidate!r}; collect more traffic")
     generator = torch.Generator().manual_seed(config.seed)
     stem, body = split_stem(head)
-    features = stem_features(stem, medial, candidate, rows)
-    teacher = medial.teacher(rows)
+    features = stem_features(stem, medial, candidate, rows, config.memory_mb)
+    teacher = teacher_rows(medial, rows, config.memory_mb)
     optimizer = torch.optim.AdamW(body.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = (len(rows) + config.batch_size - 1) // config.batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps_per_epoch)
@@ -83,6 +137,8 @@ def distill_head(head: nn.Sequential, medial: MedialDataset, candidate: str, row
 
 
 def head_logits(head: nn.Module, medial: MedialDataset, candidate: str, rows: np.ndarray) -> torch.Tensor:
-    """Raw logits of a trained head on stored rows."""
+    """Raw logits of a trained head on stored rows (the head minus the reduction the store already applied)."""
+    stage = medial.input_stage(candidate, head)
     with torch.no_grad():
-        return torch.cat([head(x) for x, _, _ in medial.batches(candidate, rows)]) if len(rows) else torch.empty(0)
+        return torch.cat([stage(x) for x in _stored(medial, candidate, np.asarray(rows))]) if len(rows) else \
+            torch.empty(0)

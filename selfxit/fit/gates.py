@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -33,12 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from selfxit.fit import select as optimize
-from selfxit.fit.calibrate import fit_temperature
-from selfxit.fit.distill import head_logits, seeded, stem_features
 from selfxit.core.gates import GATES, Gate, build_gate  # noqa: F401 (the gate modules live in core)
 from selfxit.core.heads import split_stem
+from selfxit.fit import select as optimize
+from selfxit.fit.calibrate import fit_temperature
+from selfxit.fit.distill import StoredRows, head_logits, seeded, stem_features, teacher_rows
 from selfxit.fit.medial import MedialDataset
+
 
 @dataclass
 class GateConfig:
@@ -126,7 +128,7 @@ def train_gate(gate: Gate, logits: torch.Tensor, previous: torch.Tensor | None, 
         with torch.no_grad():
             for p in gate.net.parameters():
                 p.zero_()
-            gate.net[-1].bias.fill_(10.0 if float(targets[0]) > 0.5 else -10.0)
+            cast(nn.Linear, gate.net[-1]).bias.fill_(10.0 if float(targets[0]) > 0.5 else -10.0)
         return gate.eval()
     weights = [p for name, p in gate.net.named_parameters() if name.endswith("weight")]
     optimizer = torch.optim.LBFGS(gate.net.parameters(), lr=1.0, max_iter=config.max_iter,
@@ -143,7 +145,7 @@ def train_gate(gate: Gate, logits: torch.Tensor, previous: torch.Tensor | None, 
     with torch.enable_grad():
         optimizer.step(closure)
     with torch.no_grad():  # net((f - mean) / scale) == net'(f)
-        first = gate.net[0]
+        first = cast(nn.Linear, gate.net[0])
         first.weight.div_(scale)
         first.bias.sub_(first.weight @ mean)
     return gate.eval()
@@ -244,7 +246,8 @@ def exit_distribution(scores: np.ndarray) -> np.ndarray:
     return np.vstack([survive[:-1] * scores, survive[-1:]])
 
 
-def specialise_head(head: nn.Sequential, features: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor,
+def specialise_head(head: nn.Sequential, features: torch.Tensor | StoredRows, teacher: torch.Tensor | StoredRows,
+                    weights: torch.Tensor,
                     epochs: int = 10, batch_size: int = 256, lr: float = 2e-3, seed: int = 0) -> nn.Sequential:
     """Fine-tune a head's trainable part by KL to the backbone, each sample weighted (mean weight 1).
 
@@ -278,7 +281,7 @@ def specialise_heads(heads: list[nn.Sequential], layers: list[str], medial: Medi
     ``scores`` [chain, rows]: the gate outputs on those rows. Heads are changed in place.
     """
     distribution = exit_distribution(scores)
-    teacher = medial.teacher(rows)
+    teacher = teacher_rows(medial, rows)
     for j, (head, layer) in enumerate(tqdm(list(zip(heads, layers)), desc="specialise heads", leave=False,
                                            disable=not progress)):
         stem, _ = split_stem(head)

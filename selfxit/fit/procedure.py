@@ -89,9 +89,10 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
     """Train, calibrate and prune a head per candidate, then choose the cascade by ``config.method``."""
     previous = previous or {}
     rows = {name: medial.indices(name) for name in SPLITS}
-    top1 = {name: medial.teacher(r).argmax(1) for name, r in rows.items()}
+    top1 = {name: medial.top1(r) for name, r in rows.items()}
     majority = float(np.bincount(top1["tune"], minlength=num_classes).max()) / max(len(rows["tune"]), 1)
     specs = head_specs(candidates, config.heads, previous)
+    medial.check_heads(specs)  # every head's input was stored, before any training
     trained = _train_heads(candidates, medial, rows, specs, previous, config, num_classes, warm_start, progress)
 
     reports, kept = [], []

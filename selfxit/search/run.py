@@ -56,11 +56,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from selfxit.fit.distill import DistillConfig, distill_head, head_logits, seeded
 from selfxit.core.flops import count_flops
 from selfxit.core.heads import build_head
-from selfxit.fit.medial import MedialDataset
 from selfxit.extras import require_extra
+from selfxit.fit.distill import DistillConfig, distill_head, head_logits, seeded
+from selfxit.fit.medial import MedialDataset
 from selfxit.search.config import SearchConfig, SpaceConfig, load_config, searched_spec
 from selfxit.search.experiment import _experiment_class, _experiment_config, _nni_contained
 from selfxit.search.results import FORMAT_VERSION, LayerResult, SearchResult, apply_search, load_search  # noqa: F401
@@ -225,9 +225,17 @@ def _cheapest_flops(config: SearchConfig, candidate, num_classes: int) -> int:
     return count_flops(build_head(spec, tuple(candidate.shape), num_classes), torch.zeros(1, *candidate.shape))
 
 
+def _space_inputs(space: SpaceConfig, shape: tuple[int, ...]) -> list[dict]:
+    """A spec per (conv_layers, pool) choice of the space: between them, every input its heads read."""
+    labels, base = space.labels(shape), space.cheapest(shape)
+    return [space.spec({**base, "conv_layers": c, "pool": p}, shape) if "pool" in labels else space.spec(base, shape)
+            for c in labels.get("conv_layers", [0]) for p in labels.get("pool", [None])]
+
+
 def _search_layer(index: int, candidate, medial: MedialDataset, num_classes: int, config: SearchConfig,
                   out: Path, budget: int, majority: float, progress: bool) -> LayerResult:
     from nni.nas.evaluator import FunctionalEvaluator
+
     from selfxit.search.space import HeadSpace, build_strategy  # NNI: only when a search runs
     layer_dir = out / "layers" / _slug(candidate.name)
     result_file = layer_dir / "result.json"
@@ -240,7 +248,7 @@ def _search_layer(index: int, candidate, medial: MedialDataset, num_classes: int
     cache = f"{out.resolve()}::{candidate.name}"
     _CACHE[cache] = {_key(r["spec"]): _cache_entry(r) for r in rows if r["status"] != "failed"}
     exp_id = f"selfxit-{index:02d}-{re.sub(r'[^A-Za-z0-9_-]', '_', candidate.name)}"[:32]
-    job = {"medial": str(Path(medial.root).resolve()), "layer": candidate.name, "shape": list(candidate.shape),
+    job = {"medial": medial.location, "layer": candidate.name, "shape": list(candidate.shape),
            "num_classes": num_classes, "remaining_flops": int(candidate.remaining_flops),
            "training": asdict(config.training), "objective": asdict(config.objective), "seed": config.seed,
            "cache": cache}
@@ -300,7 +308,7 @@ def _medial_fingerprint(medial: MedialDataset) -> dict:
     """What identifies the traffic a search ran on; robust to last-bit float differences of a re-recording."""
     digest = hashlib.sha1(np.ascontiguousarray(medial.split).tobytes())
     digest.update(np.ascontiguousarray(medial.source).tobytes())
-    digest.update(np.ascontiguousarray(np.argmax(medial.probs[:2048], axis=1)).astype(np.int64).tobytes())
+    digest.update(medial.top1(np.arange(min(2048, medial.meta.num_samples))).numpy().astype(np.int64).tobytes())
     return {"candidates": list(medial.candidates), "shapes": [list(s) for s in medial.meta.shapes],
             "num_samples": medial.meta.num_samples, "seed": medial.meta.seed, "traffic_sha1": digest.hexdigest()}
 
@@ -343,6 +351,8 @@ def run_search(medial: MedialDataset, candidates: list, num_classes: int, config
             raise ValueError(f"candidate {cand.name!r} has shape {tuple(cand.shape)} but the medial dataset recorded "
                              f"{recorded}")
         config.space.check_fits(cand.name, tuple(cand.shape))
+        for spec in _space_inputs(config.space, tuple(cand.shape)):  # the medial dataset stored what they read
+            medial.check_heads({cand.name: spec})
     validation = medial.indices(config.training.validation_split)
     if len(validation) == 0 or len(medial.indices("train")) == 0:
         raise ValueError(f"the medial dataset has no train or {config.training.validation_split} rows; collect more "

@@ -1,4 +1,5 @@
-"""Frozen backbones by name: the CIFAR ResNets with their published weights, and torchvision classifiers."""
+"""Frozen backbones by name: the CIFAR ResNets with their published weights, and torchvision classifiers with
+theirs (torchvision's default pretrained weights, through torchvision's download and cache)."""
 from __future__ import annotations
 
 import difflib
@@ -12,8 +13,8 @@ import torch
 import torchvision
 from torch import nn
 
-from selfxit.zoo.cifar_resnet import DEPTHS, cifar_resnet
 from selfxit.settings import cache_dir, shared_dir
+from selfxit.zoo.cifar_resnet import DEPTHS, cifar_resnet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,22 +53,32 @@ def available_models() -> list[str]:
     return sorted(DEPTHS) + _torchvision_models()
 
 
-def load_backbone(name: str, weights: str | Path | None = None) -> tuple[nn.Module, ModelInfo]:
+def load_backbone(name: str, weights: str | Path | None = None,
+                  random_init: bool = False) -> tuple[nn.Module, ModelInfo]:
     """Build backbone ``name`` in eval mode with frozen parameters, and describe its input.
 
     ``weights`` is a checkpoint file (a state_dict, or a dict holding one under ``state_dict`` or
     ``model``; a ``module.`` prefix is stripped). Without it, ``cifar_resnet20``/``cifar_resnet56``
-    get their published CIFAR-10 weights (shared folder, else a verified download); every other
-    model is randomly initialised, with a warning.
+    get their published CIFAR-10 weights (shared folder, else a verified download), torchvision
+    classifiers their default pretrained weights through torchvision's own download and cache
+    (:func:`pretrained_torchvision_weights`), and the other CIFAR ResNets are randomly initialised,
+    with a warning. ``random_init=True`` asks for an untrained network (with the same warning).
     """
+    if weights is not None and random_init:
+        raise ValueError("pass either a weights file or random_init=True, not both")
+    pretrained = weights is None and not random_init
+    model: nn.Module
     if name in DEPTHS:
         model = cifar_resnet(name)
         info = ModelInfo(name, (3, 32, 32), None, IMAGENET_MEAN, IMAGENET_STD, 10)
-        if weights is None and name in CIFAR_WEIGHT_FILES:
+        if pretrained and name in CIFAR_WEIGHT_FILES:
             weights = pretrained_cifar_weights(name)
     elif name in _torchvision_models():
-        model = torchvision.models.get_model(name, weights=None)
         preset = torchvision.models.get_model_weights(name).DEFAULT
+        if pretrained:
+            model = _pretrained_torchvision(name, preset)
+        else:
+            model = torchvision.models.get_model(name, weights=None)
         tf = preset.transforms()
         crop = tf.crop_size[0]
         info = ModelInfo(name, (3, crop, crop), tf.resize_size[0], tuple(tf.mean), tuple(tf.std),
@@ -77,12 +88,54 @@ def load_backbone(name: str, weights: str | Path | None = None) -> tuple[nn.Modu
         hint = f"; did you mean {', '.join(close)}?" if close else "; see selfxit.zoo.available_models()"
         raise ValueError(f"unknown model {name!r}{hint}")
 
-    if weights is None:
+    if weights is not None:
+        load_checkpoint(model, weights)
+    elif random_init:
+        warnings.warn(f"{name} is randomly initialised and untrained, as asked (random_init)", stacklevel=2)
+    elif name not in _torchvision_models():
         warnings.warn(f"{name} has no weights: it is randomly initialised and untrained "
                       "(pass a checkpoint file as weights to use a trained model)", stacklevel=2)
-    else:
-        load_checkpoint(model, weights)
     return model.eval().requires_grad_(False), info
+
+
+def pretrained_torchvision_weights(name: str) -> Path:
+    """Path of torchvision's default pretrained weights for ``name`` in torchvision's cache
+    (``torch.hub.get_dir()/checkpoints``, under ``$TORCH_HOME``), downloaded there once by torch.hub with the
+    hash in the file name checked. Offline, a FileNotFoundError names the file, the URL and where to put it.
+    """
+    preset = torchvision.models.get_model_weights(name).DEFAULT
+    url = preset.url
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    cached = cache / url.rsplit("/", 1)[-1]
+    if cached.is_file():
+        return cached
+    cache.mkdir(parents=True, exist_ok=True)
+    match = torch.hub.HASH_REGEX.search(cached.name)
+    try:
+        torch.hub.download_url_to_file(url, str(cached), match.group(1) if match else None, progress=True)
+    except RuntimeError as e:  # torch.hub's hash check
+        cached.unlink(missing_ok=True)
+        raise ChecksumError(f"downloaded {url} but it is corrupt or not the published file ({e}); nothing was "
+                            f"saved to {cached}") from e
+    except Exception as e:
+        cached.unlink(missing_ok=True)
+        raise FileNotFoundError(
+            f"pretrained weights for {name} not found: {cached.name} is not in torchvision's cache {cache}, and "
+            f"downloading {url} failed ({e}). Download {url} and save it as {cached} (set TORCH_HOME to move the "
+            f"cache), or pass a checkpoint file (--weights PATH, weights=PATH), or ask for an untrained network "
+            f"(--random-init, random_init=True).") from e
+    return cached
+
+
+def _pretrained_torchvision(name: str, preset) -> nn.Module:
+    """``name`` built by torchvision with its default weights, from the file :func:`pretrained_torchvision_weights`
+    puts in torchvision's cache (so torchvision's own loading finds it there and never downloads)."""
+    cached = pretrained_torchvision_weights(name)
+    try:
+        return torchvision.models.get_model(name, weights=preset)
+    except Exception as e:
+        raise CheckpointError(f"torchvision could not load its pretrained weights for {name} from {cached} ({e}); "
+                              "delete that file to download it again") from e
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:

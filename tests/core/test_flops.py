@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfxit.zoo.cifar_resnet import cifar_resnet
 from selfxit.core.flops import count_flops, cumulative_flops
+from selfxit.zoo.cifar_resnet import cifar_resnet
 
 
 def _state(model: nn.Module) -> list:
@@ -75,6 +75,8 @@ def test_model_left_exactly_as_found():
     original_linear = F.linear
     count_flops(model, torch.randn(2, 3, 32, 32))
     cumulative_flops(model, torch.randn(2, 3, 32, 32), ["layer1", "layer2"])
+    count_flops(model, torch.randn(2, 3, 32, 32), counter="torch")
+    cumulative_flops(model, torch.randn(2, 3, 32, 32), ["layer1", "layer2"], counter="torch")
     assert _state(model) == before
     assert F.linear is original_linear
     assert model.bn1.num_batches_tracked.item() == 0  # ran in eval mode: no running-stat updates
@@ -108,3 +110,92 @@ def test_counting_works_inside_inference_mode():
     expected = count_flops(model, torch.randn(1, 3, 32, 32))
     with torch.inference_mode():
         assert count_flops(model, torch.randn(1, 3, 32, 32)) == expected
+
+
+# ---- the two counters against each other --------------------------------------------------------
+
+class ListStrideConv(nn.Conv2d):
+    """A conv keeping its stride as a list, like efficientnet-lite-pytorch's Conv2dStaticSamePadding:
+    DeepSpeed's conv formula raises TypeError on it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stride = list(self.stride)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_a_module_deepspeed_cannot_count_falls_back_to_torch(monkeypatch):
+    from selfxit.core import flops
+    monkeypatch.setattr(flops, "_warned", set())
+    model = nn.Sequential(ListStrideConv(3, 8, 3, stride=2, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 49, 4))
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(TypeError):
+        count_flops(model, x, counter="deepspeed")
+    expected = 2 * 27 * 8 * 49 + 2 * 8 * 49 * 4  # the conv and the linear layer (torch counts no ReLU)
+    with pytest.warns(UserWarning, match="DeepSpeed's flops profiler failed on Sequential.*TypeError"):
+        assert count_flops(model, x) == expected
+    total, reached = cumulative_flops(model, x, ["0", "1"])
+    assert total == expected and reached == {"0": 2 * 27 * 8 * 49, "1": 2 * 27 * 8 * 49}
+    with pytest.raises(ValueError, match="counter"):
+        count_flops(model, x, counter="fvcore")
+
+
+def test_counters_agree_on_convolutions_and_linear_layers():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.Conv2d(8, 8, 3, bias=False), nn.Flatten(),
+                          nn.Linear(8 * 12 * 12, 10))
+    x = torch.randn(1, 3, 16, 16)
+    assert count_flops(model, x, counter="deepspeed") == count_flops(model, x, counter="torch")
+
+
+def test_torch_counter_sees_attention_on_cpu():
+    """Under no_grad nn.MultiheadAttention takes a fused path FlopCounterMode cannot see, and on CPU its
+    scaled_dot_product_attention kernel has no formula in torch: both are handled."""
+    class SelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    model = SelfAttention().eval().requires_grad_(False)
+    x = torch.randn(1, 5, 16)
+    projections = 2 * 5 * (3 * 16 * 16 + 16 * 16)
+    attention = 2 * 2 * (5 * 5 * 16)  # q k^T and attention x v, two heads of 8
+    assert count_flops(model, x, counter="torch") == projections + attention == count_flops(model, x, counter="deepspeed")
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def _comparison_model(arch):
+    import torchvision
+    torch.manual_seed(0)
+    if arch.startswith("cifar"):
+        return cifar_resnet(arch).eval(), 32
+    return torchvision.models.get_model(arch, weights=None).eval(), 224 if arch == "vit_b_16" else 64
+
+
+# (model, lowest torch/DeepSpeed total ratio): torch's counter leaves out norms, activations and pooling, which
+# cost more in the mobile networks (hard-swish, SiLU, squeeze-excitation) than in ResNets.
+COMPARED = [("cifar_resnet20", 0.99), ("cifar_resnet56", 0.99), ("resnet18", 0.99), ("resnet50", 0.99),
+            ("mobilenet_v3_large", 0.95), ("efficientnet_b0", 0.95), ("convnext_tiny", 0.99),
+            ("densenet121", 0.98), ("regnet_y_400mf", 0.97), pytest.param("vit_b_16", 0.99, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize(("arch", "lowest"), COMPARED)
+def test_counters_compared(arch, lowest):
+    """Totals within a few percent (torch never above DeepSpeed), and the cumulative FLOPs fractions at the
+    candidate layers (what picks them) within 1.5 points."""
+    from selfxit.core.candidates import find_candidates
+    model, size = _comparison_model(arch)
+    x = torch.zeros(1, 3, size, size)
+    deepspeed = count_flops(model, x, counter="deepspeed")
+    torch_total = count_flops(model, x, counter="torch")
+    assert lowest * deepspeed <= torch_total <= deepspeed
+    names = [c.name for c in find_candidates(model, x)]
+    ds_total, ds_reached = cumulative_flops(model, x, names, counter="deepspeed")
+    tc_total, tc_reached = cumulative_flops(model, x, names, counter="torch")
+    assert (ds_total, tc_total) == (deepspeed, torch_total)
+    for name in names:
+        assert abs(ds_reached[name] / ds_total - tc_reached[name] / tc_total) < 0.015, name

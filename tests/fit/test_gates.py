@@ -4,21 +4,22 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import selfxit
-from selfxit.fit import gates
-from selfxit.fit import select as optimize
-from selfxit.zoo.cifar_resnet import cifar_resnet
 from selfxit.cli import build_parser
-from selfxit.zoo.data import ImageFolderData
-from selfxit.fit.distill import DistillConfig
-from selfxit.evaluate.evaluation import cost_per_exit
 from selfxit.core.flops import count_flops
 from selfxit.core.heads import DEFAULT_HEAD, build_head
 from selfxit.core.runtime import FINAL, EarlyExitRunner, Exit
+from selfxit.evaluate.evaluation import cost_per_exit
+from selfxit.fit import gates
+from selfxit.fit import select as optimize
+from selfxit.fit.distill import DistillConfig
 from selfxit.zoo import load_backbone
+from selfxit.zoo.cifar_resnet import cifar_resnet
+from selfxit.zoo.data import ImageFolderData
 
 torch.set_num_threads(1)
 
@@ -215,7 +216,7 @@ def test_gate_scores_drive_the_exit():
 # ---- the real shared model --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def fitted(shared, tmp_path_factory):
+def fitted(shared, slow_setup, tmp_path_factory):
     model, info = load_backbone("cifar_resnet20")
     traffic = ImageFolderData(shared / "data" / "cifar10-test", info, max_samples=500, seed=2)
     ee = selfxit.wrap(model, torch.zeros(1, 3, 32, 32), max_candidates=4)

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from selfxit.zoo.cifar_resnet import cifar_resnet
-from selfxit.zoo.data import split_indices
 from selfxit.core.heads import DEFAULT_HEAD, TokenMean, build_head, split_stem
 from selfxit.fit.medial import SPLITS, MedialDataset, MedialWriter
 from selfxit.fit.record import TUNE_FRACTION, assign_splits, augment, record
+from selfxit.zoo.cifar_resnet import cifar_resnet
+from selfxit.zoo.data import split_indices
 
 CONV = {"kind": "conv_linear", "convs": [{"out": 8, "kernel": 3, "stride": 2}], "pool": 1, "hidden": [16]}
 
@@ -146,7 +146,8 @@ def test_medial_round_trip(tmp_path):
             assert stored.dtype == np.float16 and stored.shape == tuple(acts[i].shape)
             np.testing.assert_array_equal(stored, acts[i].numpy().astype(np.float16))
             np.testing.assert_array_equal(d.activations(i), stored)
-            assert not stored.flags.writeable
+            stored[:] = 0  # a private copy: the dataset is read-only
+            np.testing.assert_array_equal(d.activations(name), acts[i].numpy().astype(np.float16))
         assert d.probs.dtype == np.float32
         np.testing.assert_array_equal(d.probs, probs.numpy())
         np.testing.assert_array_equal(d.split, split)
@@ -193,18 +194,23 @@ def test_medial_writer_size_checks_and_overwrite(tmp_path):
     (root / "stale.npy").write_bytes(b"old")
     writer, acts, probs, split, source, labels = _write_medial(root, batches=(6,))
     assert not (root / "stale.npy").exists()  # an old folder is replaced, not mixed in
-    with pytest.raises(RuntimeError, match="6 of 10"):
-        writer.close()
     with pytest.raises(ValueError, match="sized for 10"):
         writer.append([a[:5] for a in acts], probs[:5], split[:5], source[:5], labels[:5])
-    writer.append([a[6:] for a in acts], probs[6:], split[6:], source[6:], labels[6:])
+    with pytest.raises(RuntimeError, match="6 of 10"):  # short of its rows: no manifest ...
+        writer.close()
+    assert not (root / "manifest.json").exists()
+    with pytest.warns(UserWarning, match="4 rows lost"):  # ... but the complete rows read back
+        partial = MedialDataset(root)
+    assert partial.meta.num_samples == 6 and partial.lost_rows == 4 and not partial.complete
+    np.testing.assert_array_equal(partial.source, source[:6])
+    writer, *_ = _write_medial(root)
     assert writer.close().meta.num_samples == 10
 
 
 def test_medial_without_meta_is_a_clear_error(tmp_path):
     (tmp_path / "m").mkdir()
     np.save(tmp_path / "m" / "probs.npy", np.zeros((2, 2), np.float32))
-    with pytest.raises(FileNotFoundError, match="meta.json"):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
         MedialDataset(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="not a medial dataset"):
         MedialDataset(tmp_path / "missing")
@@ -275,7 +281,8 @@ def test_record_leaves_batchnorm_untouched(tmp_path):
     x = torch.randn(40, 3, 32, 32)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.arange(40) % 10), batch_size=16)
     layers, shapes = ["layer1", "layer2"], [(16, 32, 32), (32, 16, 16)]
-    ds = record(model, layers, shapes, 10, loader, 40, tmp_path / "m", seed=0, augment_copies=1, progress=False)
+    ds = record(model, layers, shapes, 10, loader, 40, tmp_path / "m", seed=0, augment_copies=1, progress=False,
+                heads="full")
 
     after = _bn_state(model)
     assert after.keys() == before.keys()
@@ -304,6 +311,25 @@ def test_record_leaves_batchnorm_untouched(tmp_path):
     train = assign_splits(40, 0) == SPLITS["train"]
     np.testing.assert_array_equal(counts, np.where(train, 2, 1))
     np.testing.assert_array_equal(ds.split, assign_splits(40, 0)[ds.source])
+
+
+def test_record_stores_what_the_default_head_consumes(tmp_path):
+    torch.manual_seed(0)
+    model = cifar_resnet("cifar_resnet20").eval()
+    x = torch.randn(20, 3, 32, 32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=20)
+    layers, shapes = ["layer1", "layer3"], [(16, 32, 32), (64, 8, 8)]
+    ds = record(model, layers, shapes, 10, loader, 20, tmp_path / "m", augment_copies=0, progress=False,
+                heads=DEFAULT_HEAD)
+    assert ds.meta.stored_shapes == [(16, 4, 4), (64, 4, 4)]
+    assert ds.stored_bytes == {"layer1": 16 * 16 * 2, "layer3": 64 * 16 * 2}
+    with torch.no_grad():
+        l1 = model.layer1(torch.relu(model.bn1(model.conv1(x))))
+        l3 = model.layer3(model.layer2(l1))
+    for name, ref in (("layer1", l1), ("layer3", l3)):
+        head = build_head(DEFAULT_HEAD, tuple(ref.shape[1:]), 10).eval()
+        grid = head[0](ref)  # the head's own first op is what was stored
+        np.testing.assert_array_equal(ds.activations(name), grid.half().numpy())
 
 
 def test_record_refuses_a_model_in_train_mode(tmp_path):

@@ -16,16 +16,21 @@ from hypothesis import strategies as st
 import selfxit
 import selfxit.search.run as search_mod
 from selfxit.core.candidates import Candidate
-from selfxit.zoo.data import ImageFolderData
-from selfxit.core.heads import build_head
-from selfxit.fit.medial import MedialDataset, MedialWriter
+from selfxit.core.heads import build_head, concrete_spec
+from selfxit.fit.medial import MedialWriter
+from selfxit.search.config import (
+    SearchConfig,
+    SearchConfigError,
+    SpaceConfig,
+    load_config,
+    searched_spec,
+    shipped_configs,
+)
 from selfxit.search.run import apply_search, load_search, run_search
-from selfxit.core.heads import concrete_spec
-from selfxit.search.config import (SearchConfig, SearchConfigError, SpaceConfig, load_config, searched_spec,
-                                   shipped_configs)
 from selfxit.search.space import HeadSpace, build_strategy
 from selfxit.settings import PROJECT_ROOT
 from selfxit.zoo import load_backbone
+from selfxit.zoo.data import ImageFolderData
 
 torch.set_num_threads(1)
 SPACES = PROJECT_ROOT / "search_spaces"
@@ -165,6 +170,7 @@ def test_shipped_configs_are_found_by_name():
         load_config("no_such_space")
 
 
+@pytest.mark.slow
 def test_searched_bundle_loads_without_nni(tmp_path):
     """A bundle with searched heads must load in a process where NNI cannot be imported."""
     script = f"""
@@ -256,7 +262,7 @@ def test_flops_budget(medial, tmp_path):
     assert over and all(r["score"] == -1.0 and r["head_flops"] > 5_000 and r["seconds"] < 1 for r in over)
 
 
-@pytest.mark.parametrize("strategy", ["random", "grid", "evolution", "tpe"])
+@pytest.mark.parametrize("strategy", ["random", "grid", "evolution", pytest.param("tpe", marks=pytest.mark.slow)])
 def test_search_with_each_strategy(medial, tmp_path, monkeypatch, strategy):
     from nni.tools.nnictl.constants import NNI_HOME_DIR
     home_manifest = Path(NNI_HOME_DIR) / ".experiment"
@@ -357,6 +363,7 @@ def _cli(*args):
                           env={**os.environ, "NNI_FRAMEWORK": "none"}, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_search_then_enable(shared, tmp_path):
     data = str(shared / "data" / "cifar10-test")
     bad = tmp_path / "bad.yaml"

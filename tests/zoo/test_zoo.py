@@ -6,15 +6,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from selfxit import zoo
-from selfxit.zoo.data import ImageFolderData
 from selfxit.settings import shared_dir
 from selfxit.zoo import CheckpointError, ChecksumError, load_backbone
+from selfxit.zoo.data import ImageFolderData
 
 SHARED = shared_dir()
-needs_shared = pytest.mark.skipif(not (SHARED / "models").is_dir() or not (SHARED / "data" / "cifar10-test").is_dir(),
-                                  reason=f"shared material absent at {SHARED} (set SELFXIT_SHARED)")
+_skip_without_shared = pytest.mark.skipif(
+    not (SHARED / "models").is_dir() or not (SHARED / "data" / "cifar10-test").is_dir(),
+    reason=f"shared material absent at {SHARED} (set SELFXIT_SHARED)")
+
+
+def needs_shared(test):
+    """Skip without the shared models and images; marked ``needs_shared`` so that skip fails a run that has them."""
+    return pytest.mark.needs_shared(_skip_without_shared(test))
 
 
 @pytest.fixture
@@ -31,6 +38,7 @@ def isolated(tmp_path, monkeypatch):
 
 
 @needs_shared
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_resnet56"])
 def test_shared_weights_accuracy(name):
     model, info = load_backbone(name)
@@ -136,9 +144,9 @@ def test_untrained_cifar_warns():
 
 
 @pytest.mark.parametrize("name,resize", [("resnet18", 256), ("mobilenet_v3_large", 232)])
-def test_torchvision_random_init(name, resize):
+def test_torchvision_random_init(name, resize, torch_hub):
     with pytest.warns(UserWarning, match="untrained"):
-        model, info = load_backbone(name)
+        model, info = load_backbone(name, random_init=True)
     assert info.input_size == (3, 224, 224) and info.resize == resize and info.num_classes == 1000
     assert info.mean == zoo.IMAGENET_MEAN and info.std == zoo.IMAGENET_STD
     assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -157,3 +165,104 @@ def test_trained_load_does_not_warn(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_backbone("cifar_resnet44", weights=path)
+
+
+# ---- torchvision's pretrained weights, through torchvision's download and cache (never the network) ----
+
+@pytest.fixture
+def torch_hub(tmp_path, monkeypatch):
+    """An empty torchvision cache ($TORCH_HOME) and a torch.hub download that fails as if offline; the
+    URLs it was asked for are in the returned list."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    asked = []
+
+    def offline(url, dst, hash_prefix=None, progress=True):
+        asked.append(url)
+        raise urllib.error.URLError("network unreachable (test)")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return asked
+
+
+def _resnet18_file(path):
+    torch.manual_seed(3)
+    return _save(path, _resnet18_state(num_classes=1000))
+
+
+def test_torchvision_pretrained_from_cache(torch_hub):
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    _resnet18_file(cached)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pretrained: no "untrained" warning
+        model, info = load_backbone("resnet18")
+    assert torch.equal(model.fc.weight, torch.load(cached, weights_only=True)["fc.weight"])
+    assert info.input_size == (3, 224, 224) and info.num_classes == 1000
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert torch_hub == []  # found in torchvision's cache: nothing downloaded
+
+
+def test_torchvision_pretrained_download_once(torch_hub, tmp_path, monkeypatch):
+    source = _resnet18_file(tmp_path / "published.pth")
+    urls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        urls.append((url, hash_prefix))
+        shutil.copyfile(source, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    load_backbone("resnet18")
+    model, _ = load_backbone("resnet18")
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    assert urls == [(url, "f37072fd")]  # once, with the hash in the file name to check
+    assert (Path(torch.hub.get_dir()) / "checkpoints" / "resnet18-f37072fd.pth").is_file()
+    assert torch.equal(model.conv1.weight, torch.load(source, weights_only=True)["conv1.weight"])
+
+
+def test_torchvision_pretrained_corrupt_download(torch_hub, monkeypatch):
+    def bad_hash(url, dst, hash_prefix=None, progress=True):
+        raise RuntimeError(f'invalid hash value (expected "{hash_prefix}", got "0000")')
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", bad_hash)
+    with pytest.raises(ChecksumError, match="resnet18-f37072fd.pth.*invalid hash"):
+        load_backbone("resnet18")
+    assert not (Path(torch.hub.get_dir()) / "checkpoints" / "resnet18-f37072fd.pth").exists()
+
+
+def test_torchvision_pretrained_offline_error(torch_hub):
+    with pytest.raises(FileNotFoundError) as err:
+        load_backbone("resnet50")
+    url = torchvision.models.ResNet50_Weights.DEFAULT.url
+    message = str(err.value)
+    for part in (url.rsplit("/", 1)[-1], url, str(Path(torch.hub.get_dir()) / "checkpoints"), "TORCH_HOME",
+                 "--weights", "--random-init"):
+        assert part in message
+    assert torch_hub == [url]
+
+
+def test_torchvision_weights_file_overrides_and_random_init(torch_hub, tmp_path):
+    path = _resnet18_file(tmp_path / "mine.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, _ = load_backbone("resnet18", weights=path)
+    assert torch.equal(model.fc.bias, torch.load(path, weights_only=True)["fc.bias"])
+    with pytest.raises(ValueError, match="not both"):
+        load_backbone("resnet18", weights=path, random_init=True)
+    assert torch_hub == []
+
+
+def test_random_init_flag(torch_hub):
+    import argparse
+
+    from selfxit.cli.common import add_model_args
+    from selfxit.cli.common import load_backbone as cli_load
+
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    args = parser.parse_args(["--model", "resnet18", "--random-init"])
+    with pytest.warns(UserWarning, match="untrained, as asked"):
+        model, _ = cli_load(args)
+    assert torch_hub == []
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "resnet18", "--random-init", "--weights", "w.pth"])
