@@ -8,5 +8,5 @@ if ! .venv/bin/python -c "import torch, torchvision; assert torch.__version__.st
     # torch/torchvision first and pinned: other versions download GBs or break torchvision's operators.
     .venv/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 fi
-.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e '.[all,test]'
+.venv/bin/python -m pip install --quiet -c scripts/constraints.txt -e '.[all,test,test-models]'
 echo "selfxit installed in $(pwd)/.venv"
