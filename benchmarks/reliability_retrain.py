@@ -1,4 +1,4 @@
-"""Retrain kill probes for benchmarks/reliability.py (and tests/ops/test_reliability.py, at small counts).
+"""Retrain kill probes for benchmarks/reliability.py (and tests/ops/test_ops_reliability.py, at small counts).
 
 Real ``selfxit retrain`` processes on a small CIFAR ResNet-20 setup are killed with SIGKILL at random
 moments and at each step of the publish (while the version is copied in, after it is renamed into
