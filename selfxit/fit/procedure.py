@@ -107,7 +107,8 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
         reports.append(HeadReport(cand.name, record.head_flops, cand.remaining_flops, agreement, record.temperature,
                                   expected_calibration_error(logits["val"].softmax(1), top1["val"]),
                                   expected_calibration_error((logits["val"] / record.temperature).softmax(1),
-                                                             top1["val"]), keep))
+                                                             top1["val"]), keep,
+                                  getattr(medial, "stored_bytes", {}).get(cand.name)))
         if keep:
             kept.append(cand)
             for s in SCORED:

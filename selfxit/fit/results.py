@@ -21,6 +21,7 @@ class HeadReport:
     ece_before: float
     ece_after: float
     kept: bool
+    stored_bytes: int | None = None  # bytes per recorded row the medial store keeps for this candidate
 
 
 @dataclass

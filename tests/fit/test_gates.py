@@ -322,5 +322,7 @@ def test_bilevel_rounds_retrain_the_chain_heads(fitted):
     config = gates.GateConfig(head_rounds=1, head_epochs=1)
     report = ee.fit(0.1, gate="learned", gate_config=config, max_exits=None, progress=False)
     assert report.gate_config["head_rounds"] == 1
-    changed = [n for n, h in ee.heads.items() if any(not torch.equal(a, b) for a, b in zip(before[n], h.parameters()))]
+    heads = ee.heads  # a head dropped as near chance by the first fit may be kept (freshly trained) now
+    changed = [n for n in before if n in heads
+               and any(not torch.equal(a, b) for a, b in zip(before[n], heads[n].parameters()))]
     assert changed and set(ee.thresholds) <= set(ee.gates)
