@@ -14,9 +14,9 @@ from selfxit.core.flops import count_flops
 from selfxit.core.provenance import Provenance
 from selfxit.core.runtime import EarlyExitOutput, EarlyExitRunner
 from selfxit.fit import conformal
-from selfxit.fit.budget import DEFAULT_ROW_BUDGET
 from selfxit.fit.config import METHODS, FitConfig
 from selfxit.fit.medial import SHARD_BYTES, MedialDataset
+from selfxit.fit.medial.budget import DEFAULT_ROW_BUDGET
 from selfxit.fit.procedure import fit_exits
 from selfxit.fit.record import record
 from selfxit.fit.results import CascadeSummary, FitReport, HeadReport
@@ -61,7 +61,7 @@ class EarlyExitModel:
         ``data`` is a tensor of inputs, a sized Dataset, or a DataLoader over one in a fixed order (batches
         may be ``inputs`` or ``(inputs, labels, ...)``; labels are kept for reporting only).
 
-        Each candidate stores what its heads consume (:mod:`selfxit.fit.budget`), all together within
+        Each candidate stores what its heads consume (:mod:`selfxit.fit.medial.budget`), all together within
         ``budget`` bytes per row (default 512 KiB; None: no cap), checked before anything is recorded.
         ``heads`` are the head specs ``fit`` will train: one spec for all layers, ``{layer: spec}``, or
         ``'full'``; a conv head reads the full map unless its spec declares ``input_grid``. Default (None):

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from selfxit.core.heads import reducer
 from selfxit.core.hooks import split_batch
-from selfxit.fit.budget import DEFAULT_ROW_BUDGET, plan_storage
 from selfxit.fit.medial import SHARD_BYTES, SPLITS, MedialDataset, MedialStoreError, MedialWriter, finalize_medial
+from selfxit.fit.medial.budget import DEFAULT_ROW_BUDGET, plan_storage
 from selfxit.zoo.data import split_indices
 
 TUNE_FRACTION = 0.2  # share of the train split held out from head training for calibration and threshold design
@@ -152,7 +152,7 @@ def record(backbone: nn.Module, layers: list[str], shapes: list[tuple[int, ...]]
     also recorded ``augment_copies`` more times under random flips/shifts: the backbone labels them itself,
     so this adds distillation data without labels. ``heads`` (one spec, {layer: spec}, or 'full') say what
     each candidate stores (default: full maps when they fit ``budget``, else the default head's input, a 4x4
-    grid of conv maps; see :func:`selfxit.fit.budget.plan_storage`); the rows must fit ``budget`` bytes,
+    grid of conv maps; see :func:`selfxit.fit.medial.budget.plan_storage`); the rows must fit ``budget`` bytes,
     checked before anything is recorded. ``rank_timeout``: seconds a rank waits for the
     others at a barrier (default: the process group's timeout).
     """

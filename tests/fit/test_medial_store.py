@@ -24,9 +24,9 @@ from selfxit.core.heads import (
     reducer,
     stored_stage,
 )
-from selfxit.fit.budget import DEFAULT_ROW_BUDGET, MedialBudgetError, plan_storage, stored_bytes
 from selfxit.fit.distill import DistillConfig, distill_head, head_logits, stem_features
 from selfxit.fit.medial import MedialDataset, MedialIncompleteWarning, MedialShardError, MedialStoreError
+from selfxit.fit.medial.budget import DEFAULT_ROW_BUDGET, MedialBudgetError, plan_storage, stored_bytes
 from selfxit.fit.record import record
 
 CONV = {"kind": "conv_linear", "convs": [{"out": 8, "kernel": 3, "stride": 2}], "pool": 1, "hidden": [16]}
