@@ -9,9 +9,12 @@ exactly the computation the plain backbone would give them. A forward that reads
 an exit and uses it after (``bs = x.size(0)`` ... ``x.view(bs, -1)``) runs as a traced graph that reads it
 from the running rows instead (:func:`selfxit.core.candidates.batch_safe_module`).
 
-One subtlety keeps that exact: CPU kernels take a different code path for a batch of one (oneDNN
-convolutions, GEMV instead of GEMM), which changes the last bits. So a batch that started with two
-or more samples never shrinks below two: a lone survivor runs next to a copy of itself.
+One subtlety keeps that exact: CPU kernels take other code paths for small batches (oneDNN convolutions
+for a batch of one, GEMV instead of GEMM, small-M GEMM blockings up to a machine-dependent size), which
+change the last bits. So survivors never run in a smaller batch than the backbone's answer was defined at:
+the runtime measures once, per input shape, the smallest batch size from which the backbone's rows stop
+depending on the batch size (:func:`selfxit.core.exactness.invariant_rows`), and pads fewer survivors up to
+``min(that size, the input batch)`` with copies of the first one, whose results are dropped.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from selfxit.core.candidates import batch_safe_module
+from selfxit.core.exactness import invariant_rows
 from selfxit.core.exits import ExitRecord
 
 FINAL = -1  # exit index of samples answered by the backbone itself
@@ -86,9 +90,10 @@ class _AllExited(Exception):
 class _Pass:
     """Book-keeping of one forward pass: which input rows are still running."""
 
-    def __init__(self, batch: int, classes: int, exits: int, shrink: bool, callback, device):
+    def __init__(self, batch: int, classes: int, exits: int, shrink: bool, callback, device, min_rows: int):
         self.alive = torch.arange(batch, device=device)
-        self.padded = False  # the running tensor holds a lone survivor twice
+        self.min_rows = min(batch, min_rows)  # survivors run in batches of at least this many rows
+        self.real: int | None = None  # rows of the running tensor that are real samples (None: all of them)
         self.shrink, self.callback = shrink, callback
         self.logits = torch.empty(batch, classes, device=device)
         self.probabilities = torch.empty(batch, classes, device=device)
@@ -123,6 +128,16 @@ class EarlyExitRunner:
         # only gates that read the previous exit need its probabilities carried for the surviving rows
         self._carry_previous = any(getattr(e.gate, "previous", False) for e in self.exits)
         self._pass: _Pass | None = None
+        self._invariant: dict[tuple, int] = {}  # (row shape, dtype, device) -> smallest batch-invariant size
+
+    def _min_rows(self, x: torch.Tensor) -> int:
+        """Smallest batch survivors may run in so their rows equal the backbone's (measured once per shape)."""
+        if len(x) <= 1:
+            return 1
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        if key not in self._invariant:
+            self._invariant[key] = invariant_rows(self._forward, x[:1])
+        return self._invariant[key]
 
     def _hook(self, position: int):
         head, threshold = self._scaled_heads[position], self.exits[position].threshold
@@ -130,7 +145,7 @@ class EarlyExitRunner:
 
         def hook(module, inputs, output):
             state = self._pass
-            running = output[:1] if state.padded else output
+            running = output if state.real is None else output[:state.real]
             logits = head(running)  # already divided by the temperature
             probs = logits.softmax(dim=1)
             previous, state.previous = state.previous, probs  # gates read the previous exit's output
@@ -154,8 +169,12 @@ class EarlyExitRunner:
             if len(state.alive) == 0:
                 raise _AllExited
             survivors = running[keep]
-            state.padded = len(survivors) == 1 and len(output) > 1
-            return survivors.expand(2, *survivors.shape[1:]).contiguous() if state.padded else survivors
+            if len(survivors) >= state.min_rows:
+                state.real = None
+                return survivors
+            state.real = len(survivors)  # padded with copies of the first survivor, dropped at the end
+            pad = survivors[:1].expand(state.min_rows - len(survivors), *survivors.shape[1:])
+            return torch.cat([survivors, pad])
 
         return hook
 
@@ -170,17 +189,18 @@ class EarlyExitRunner:
         if self._pass is not None:
             raise RuntimeError("EarlyExitRunner is not re-entrant; use one runner per thread")
         batch = len(x)
+        min_rows = self._min_rows(x) if shrink else batch  # probed before the exits' hooks are in place
         hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self._modules)]
         try:
-            self._pass = _Pass(batch, self.num_classes, len(self.exits), shrink, callback, x.device)
+            self._pass = _Pass(batch, self.num_classes, len(self.exits), shrink, callback, x.device, min_rows)
             try:
                 final_logits = self._forward(x)
             except _AllExited:
                 final_logits = None
             state = self._pass
             if final_logits is not None:
-                if state.padded:
-                    final_logits = final_logits[:1]
+                if state.real is not None:
+                    final_logits = final_logits[:state.real]
                 rows = state.alive if shrink else torch.nonzero(state.exit == FINAL).flatten()
                 final_logits = final_logits if shrink else final_logits[rows]
                 state.answer(rows, final_logits, final_logits.softmax(dim=1), FINAL)

@@ -13,6 +13,7 @@ from selfxit.core.candidates import (
     find_candidates,
     trace,
 )
+from selfxit.core.exactness import invariant_rows
 from selfxit.core.exits import ExitRecord
 from selfxit.core.runtime import FINAL, EarlyExitRunner
 
@@ -141,7 +142,7 @@ def run_cascade(model, x, exits, rows_per_exit, classes):
     backbone's own. Samples that exit nowhere get the backbone's prediction and its logits up to the last
     bits: CPU GEMM kernels can round differently for another batch size (the plain model on 4 of 6 rows
     differs from the full batch in the 7th digit too). They are bit-exact against the plain backbone run on
-    just those rows (a lone one twice, as the runner pads it). Returns the output and how many logits
+    just those rows (padded with copies of the first, as the runner pads them). Returns the output and how many logits
     were bit-exact against the full batch's."""
     modules = dict(model.named_modules())
     reference = {}
@@ -170,7 +171,9 @@ def run_cascade(model, x, exits, rows_per_exit, classes):
     final = torch.nonzero(out.exit == FINAL).flatten()
     if len(final):
         with torch.no_grad():
-            alone = model(x[final.repeat(2) if len(final) == 1 else final])[: len(final)]
+            padded_to = min(len(x), invariant_rows(model, x[:1]))  # as the runner pads its survivors
+            rows = torch.cat([final, final[:1].repeat(max(padded_to - len(final), 0))])
+            alone = model(x[rows])[: len(final)]
         assert torch.equal(out.logits[final], alone)
     return out, exact
 
