@@ -3,18 +3,10 @@ import pytest
 import torch
 from torch import fx, nn
 
-from selfxit.core.candidates import (
-    CONSTANT,
-    DATA,
-    SHAPE,
-    articulation_modules,
-    batch_safe_module,
-    classify,
-    find_candidates,
-    trace,
-)
+from selfxit.core.candidates import find_candidates
 from selfxit.core.exactness import invariant_rows
 from selfxit.core.exits import ExitRecord
+from selfxit.core.graph import CONSTANT, DATA, SHAPE, articulation_modules, batch_safe_module, classify, trace
 from selfxit.core.runtime import FINAL, EarlyExitRunner
 
 

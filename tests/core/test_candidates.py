@@ -6,8 +6,9 @@ import torch
 import torchvision
 from torch import nn
 
-from selfxit.core.candidates import Candidate, articulation_modules, candidate_table, find_candidates
+from selfxit.core.candidates import Candidate, candidate_table, find_candidates
 from selfxit.core.flops import count_flops
+from selfxit.core.graph import articulation_modules
 from selfxit.zoo.cifar_resnet import cifar_resnet
 
 

@@ -17,8 +17,9 @@ from test_batch_safe import run_cascade  # noqa: E402
 
 import selfxit  # noqa: E402
 from selfxit.core import flops  # noqa: E402
-from selfxit.core.candidates import batch_safe_module, candidate_table  # noqa: E402
+from selfxit.core.candidates import candidate_table  # noqa: E402
 from selfxit.core.flops import count_flops  # noqa: E402
+from selfxit.core.graph import batch_safe_module  # noqa: E402
 
 EXITS = ["_blocks.1", "_blocks.6", "_blocks.12"]
 BATCH = 5

@@ -5,7 +5,8 @@ import torch
 
 timm = pytest.importorskip("timm", reason="timm is a test extra: pip install timm")
 
-from selfxit.core.candidates import batch_safe_module, candidate_table  # noqa: E402
+from selfxit.core.candidates import candidate_table  # noqa: E402
+from selfxit.core.graph import batch_safe_module  # noqa: E402
 
 # (model, layers that must not be candidates)
 MODELS = [
