@@ -13,8 +13,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
+import selfxit.fit.medial.shards as shard_format
 from selfxit.core.heads import can_feed, describe_reduction, input_reduction, stored_stage
-from selfxit.fit.medial import shards as shard_format
 from selfxit.fit.medial.store import (
     FORMAT_VERSION,
     MANIFEST,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import fsspec
 
-from selfxit.fit.medial import shards as shard_format
+import selfxit.fit.medial.shards as shard_format
 from selfxit.fit.medial.budget import stored_bytes
 
 SPLITS = {"train": 0, "tune": 1, "val": 2, "test": 3}

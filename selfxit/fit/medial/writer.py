@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import selfxit.fit.medial.shards as shard_format
 from selfxit.core.heads import reducer
-from selfxit.fit.medial import shards as shard_format
 from selfxit.fit.medial.budget import FULL_MAPS, plan_storage
 from selfxit.fit.medial.dataset import MedialDataset
 from selfxit.fit.medial.store import (
