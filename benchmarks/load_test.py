@@ -1,10 +1,14 @@
 """Load test: the early-exit server against the same server running the plain backbone (``--plain``).
 
 Starts both servers as subprocesses on free 127.0.0.1 ports, sends a bounded number of
-requests (real JPEGs from the shared CIFAR-10 folder, multipart) from 1, 8 and 32 concurrent
-clients, and prints throughput, p50 and p99 latency for both and their ratios (early-exit / plain).
+requests (real JPEGs from the shared CIFAR-10 folder, multipart; ``--raw``: one image as the whole
+body, Content-Type image/jpeg) from 1, 8 and 32 concurrent clients, and prints throughput, p50 and p99
+latency for both and their ratios (early-exit / plain).
 
     .venv/bin/python benchmarks/load_test.py --bundle BUNDLE --model cifar_resnet56 --requests 300
+
+``--launcher SCRIPT`` runs ``python SCRIPT serve ...`` instead of ``python -m selfxit serve ...`` (same
+arguments), for a backbone that cannot be loaded by name (``benchmarks/lite_server.py``: EfficientNet-Lite0).
 
 Client and server share this machine's cores, so absolute figures include the client's own cost;
 the ratios compare the two servers under the same load.
@@ -41,7 +45,8 @@ class Server:
     def __init__(self, args, plain: bool):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "selfxit", "serve", "--bundle", str(args.bundle), "--model", args.model,
+        launcher = [str(args.launcher)] if args.launcher else ["-m", "selfxit"]
+        cmd = [sys.executable, *launcher, "serve", "--bundle", str(args.bundle), "--model", args.model,
                "--host", "127.0.0.1", "--port", str(self.port), "--max-wait-ms", str(args.max_wait_ms),
                "--max-batch", str(max(64, args.images_per_request)), "--reload-poll-s", "0",
                "--threads", str(args.server_threads), "--max-queue-wait-ms", str(args.max_queue_wait_ms)]
@@ -87,8 +92,9 @@ class Server:
 
 
 async def run_level(url: str, payloads: list[bytes], concurrency: int, requests: int, max_seconds: float,
-                    images: int) -> dict:
-    """``requests`` requests from ``concurrency`` clients (stopping early at ``max_seconds``)."""
+                    images: int, raw: bool = False) -> dict:
+    """``requests`` requests from ``concurrency`` clients (stopping early at ``max_seconds``); ``raw``: each
+    request's one image is the whole body (image/jpeg) instead of a multipart form."""
     latencies, errors, issued = [], 0, 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
@@ -100,10 +106,14 @@ async def run_level(url: str, payloads: list[bytes], concurrency: int, requests:
             while issued < requests and time.perf_counter() < deadline:
                 k = issued
                 issued += 1
-                files = [("files", (f"{i}.jpg", payloads[(k * images + i) % len(payloads)], "image/jpeg"))
-                         for i in range(images)]
                 t0 = time.perf_counter()
-                response = await client.post("/v1/predict", files=files)
+                if raw:
+                    response = await client.post("/v1/predict", content=payloads[k % len(payloads)],
+                                                 headers={"content-type": "image/jpeg"})
+                else:
+                    files = [("files", (f"{i}.jpg", payloads[(k * images + i) % len(payloads)], "image/jpeg"))
+                             for i in range(images)]
+                    response = await client.post("/v1/predict", files=files)
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
                 else:
@@ -125,9 +135,9 @@ def measure(args, payloads: list[bytes]) -> tuple[list[dict], list[dict], dict]:
         for k, c in enumerate(args.concurrency):
             for server in ((early, plain) if k % 2 == 0 else (plain, early)):
                 # warm up at this concurrency too: new batch sizes cost a first-time kernel setup
-                asyncio.run(run_level(server.url, payloads, c, args.warmup, 30, args.images_per_request))
+                asyncio.run(run_level(server.url, payloads, c, args.warmup, 30, args.images_per_request, args.raw))
                 results[server].append(asyncio.run(run_level(server.url, payloads, c, args.requests,
-                                                              args.max_seconds, args.images_per_request)))
+                                                              args.max_seconds, args.images_per_request, args.raw)))
         return results[early], results[plain], early.exit_rates()
 
 
@@ -142,6 +152,10 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=60, help="time cap per concurrency level")
     p.add_argument("--concurrency", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8, 32])
     p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--raw", action="store_true",
+                   help="send each image as the whole body (Content-Type image/jpeg), not multipart; one per request")
+    p.add_argument("--launcher", type=Path,
+                   help="a script run as `python SCRIPT serve ...` instead of `python -m selfxit serve ...`")
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--server-threads", type=int, default=1,
                    help="torch threads per server (default 1: the client needs a core too, and spinning "
@@ -154,6 +168,8 @@ def main() -> None:
     args = p.parse_args()
     if args.requests < 1 or args.max_seconds <= 0:
         raise SystemExit("--requests must be >= 1 and --max-seconds > 0")
+    if args.raw and args.images_per_request != 1:
+        raise SystemExit("--raw sends one image per request: drop --images-per-request or set it to 1")
 
     files = sorted(f for f in args.data.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not files:
@@ -163,7 +179,8 @@ def main() -> None:
 
     early, plain, rates = measure(args, payloads)
     total = sum(rates.values()) or 1
-    print(f"\nbundle {args.bundle} on {args.model}; {args.images_per_request} image(s)/request, "
+    print(f"\nbundle {args.bundle} on {args.model}; {args.images_per_request} image(s)/request "
+          f"({'raw image/jpeg body' if args.raw else 'multipart'}), "
           f"max-wait {args.max_wait_ms:g} ms, {args.server_threads} torch thread(s)/server")
     shares = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(rates.items()))
     print(f"exits taken by the early-exit server: {shares}")

@@ -7,6 +7,7 @@ logged with that id). The request bodies are validated with the pydantic models 
 
 ``POST /v1/predict``
     Either ``multipart/form-data`` with the images (JPEG or PNG) as the repeated file field ``files``,
+    one image as the whole body (``image/jpeg`` or ``image/png``: no form parse, the cheapest for one image),
     or ``application/json`` ``{"inputs": [[[[...]]]]}``: a tensor [B, C, H, W] already normalised
     (optional ``"dtype"``: float32 (default), float16 or float64). Answer::
 
@@ -238,6 +239,9 @@ class _Service:
         body = await rq.read_body(request, self.limits.max_body_bytes, self.limits.read_timeout_s)
         if ctype == "multipart/form-data":
             x, encoded = await self.decode(await rq.multipart_images(request, body, self.limits.max_batch))
+            return x, encoded, sets_alpha
+        if ctype in rq.RAW_IMAGE_TYPES:  # one image as the whole body: no form to parse
+            x, encoded = await self.decode(rq.raw_image(body, ctype))
             return x, encoded, sets_alpha
         x, body_sets = await asyncio.to_thread(rq.parse_json_body, body, self.limits.max_batch)
         return x, None, body_sets if body_sets is not None else sets_alpha

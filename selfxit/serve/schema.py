@@ -143,6 +143,9 @@ def predict_openapi(input_shape: tuple[int, ...], max_batch: int, images: bool, 
             "properties": {"files": {"type": "array", "minItems": 1, "maxItems": max_batch,
                                      "items": {"type": "string", "format": "binary"},
                                      "description": "JPEG or PNG images, one file part each"}}}}
+        for ctype in ("image/jpeg", "image/png"):
+            content[ctype] = {"schema": {"type": "string", "format": "binary",
+                                         "description": f"one {ctype.split('/')[1].upper()} image, the whole body"}}
     query = [{"name": "sets", "in": "query", "required": False, "schema": sets,
               "description": FIELD_RULES["sets"] + "; one the bundle is calibrated for"}] if sets else []
     return {"parameters": query, "requestBody": {"required": True, "content": content}}

@@ -24,6 +24,26 @@ def test_candidates_json(shared):
     assert {"name", "shape", "remaining_flops"} <= set(found[0])
     remaining = [c["remaining_flops"] for c in found]
     assert remaining == sorted(remaining, reverse=True)
+    # ResNet-20's maps all fit collect's default budget, so each row stores them whole (float16)
+    assert all(c["stored_bytes"] == 2 * c["shape"][0] * c["shape"][1] * c["shape"][2] for c in found)
+    assert all(0 < c["cumulative_flops_fraction"] < 1 for c in found)
+    everything = json.loads(run("candidates", "--model", "cifar_resnet20", "--json", "--all").stdout)
+    rejected = [c for c in everything if not c["kept"]]
+    assert rejected and all(c["reason"] and c["stored_bytes"] is None for c in rejected)
+    assert [c for c in everything if c["kept"]] == [{**c, "kept": True} for c in found]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:resnet50 is randomly initialised")
+def test_candidates_stored_bytes_at_real_size(capsys):
+    """ResNet-50 at 224 (random init): every candidate stores the default head's 4x4 grid, 0.5 MB per row at most."""
+    from selfxit.cli import main
+    assert main(["candidates", "--model", "resnet50", "--random-init", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert all(c["stored_bytes"] == 2 * c["shape"][0] * 16 for c in found)
+    assert sum(c["stored_bytes"] for c in found) <= 512 * 1024
+    assert main(["candidates", "--model", "resnet50", "--random-init", "--json", "--budget", "1000"]) == 2
+    assert "over the budget of 1,000 bytes" in capsys.readouterr().err
 
 
 @pytest.mark.slow

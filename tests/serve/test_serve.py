@@ -232,6 +232,63 @@ def test_json_tensor_matches_the_bundle_in_process(server, built):
     assert _items(response) == expected
 
 
+def _as_png(path) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_raw_jpeg_and_png_bodies_match_the_bundle_in_process(server, built, tmp_path):
+    """One image as the whole body (Content-Type image/jpeg or image/png) gets the in-process answer."""
+    for path in built["files"][::3]:
+        png = tmp_path / f"{path.stem}.png"
+        png.write_bytes(_as_png(path))
+        for file, ctype in ((path, "image/jpeg"), (png, "image/png")):
+            response = server["client"].post("/v1/predict", content=file.read_bytes(),
+                                              headers={"content-type": ctype})
+            assert _items(response) == _reference(built["ee"], built["info"], [file])[1], (path, ctype)
+    # a parameter on the media type is ignored, as for the other body types
+    response = server["client"].post("/v1/predict", content=built["files"][0].read_bytes(),
+                                      headers={"content-type": "image/jpeg; q=1"})
+    assert _items(response) == _reference(built["ee"], built["info"], built["files"][:1])[1]
+
+
+@pytest.mark.parametrize("case", ["empty body", "PNG sent as image/jpeg", "JPEG sent as image/png",
+                                  "garbage as image/jpeg", "truncated JPEG", "GIF as image/png", "too many pixels",
+                                  "body too large", "another image type"])
+def test_bad_raw_image_bodies_get_a_4xx_naming_the_problem(server, built, case):
+    jpeg = built["files"][0].read_bytes()
+    body, ctype, status, words = {
+        "empty body": (b"", "image/jpeg", 400, "empty image/jpeg body"),
+        "PNG sent as image/jpeg": (_png(8, 8), "image/jpeg", 400, "bytes are a PNG image but Content-Type says image/jpeg"),
+        "JPEG sent as image/png": (jpeg, "image/png", 400, "bytes are a JPEG image but Content-Type says image/png"),
+        "garbage as image/jpeg": (b"\xff\xd8garbage" * 50, "image/jpeg", 400, "body (image/jpeg): cannot decode"),
+        "truncated JPEG": (jpeg[:200], "image/jpeg", 400, "cannot decode"),
+        "GIF as image/png": (_png(8, 8, "GIF"), "image/png", 415, "unsupported image format GIF"),
+        "too many pixels": (_png(5000, 4000), "image/png", 413, "5000x4000 pixels exceeds max_image_pixels"),
+        "body too large": (b"\xff\xd8\xff" + b"0" * MAX_BODY, "image/jpeg", 413, "max_body_bytes"),
+        "another image type": (_png(8, 8, "GIF"), "image/gif", 415, "image/jpeg or image/png"),
+    }[case]
+    response = server["client"].post("/v1/predict", content=body, headers={"content-type": ctype})
+    assert response.status_code == status, response.text
+    assert words.lower() in response.json()["error"].lower(), response.json()
+    assert len(_items(server["client"].post("/v1/predict", content=jpeg,
+                                            headers={"content-type": "image/jpeg"}))) == 1
+
+
+def test_raw_image_parsing_without_a_server():
+    from selfxit.serve.requests import ApiError, check_body_type, raw_image
+    png = _png(4, 4)
+    assert raw_image(png, "image/png") == [("body (image/png)", png)]
+    assert check_body_type("image/jpg") == "image/jpg"
+    with pytest.raises(ApiError, match="empty image/png body"):
+        raw_image(b"", "image/png")
+    with pytest.raises(ApiError, match="send Content-Type image/png") as caught:
+        raw_image(png, "image/jpg")
+    assert caught.value.status == 400
+
+
 def test_websocket_streams_each_item_as_its_exit_fires(server, built):
     files = built["files"][:12]
     x, expected = _reference(built["ee"], built["info"], files)
