@@ -1,27 +1,36 @@
 """The live guard on a real server: how fast it alarms after a shift, what it costs and what it gives back.
 
-A real ``selfxit serve`` process serves the ResNet-56 5% bundle (built with ``selfxit enable`` unless
-``--bundle`` is given). The benchmark streams shared CIFAR-10 images to it (JSON tensors, in seeded orders;
-images are replayed in new orders when more are needed) that start clean and turn blurred
-(:func:`selfxit.ops.shift.apply_shift`) at a known item. For each shadow fraction on the command line it
-measures, with ``--guard``:
+A real ``selfxit serve`` process serves the ResNet-56 5% bundle (built with ``selfxit enable`` on 4,000 of the
+shared CIFAR-10 images unless ``--bundle`` is given). The benchmark streams all 10,000 shared images to it as
+PNG uploads, in seeded orders (a new order each pass when the stream needs more items than there are), clean
+up to ``--shift-at`` and shifted (:func:`selfxit.ops.shift.apply_shift`) from there on. Each run
+``SHIFT:FRACTION`` of ``--runs`` serves one stream with ``--guard --shadow-fraction FRACTION`` until
+``--after-alarm`` items after the first alarm (or ``--max-items``); then the same stream, as long as the
+longest guarded run of that shift, is served without ``--guard``. Measured:
 
 * items and guard shadow samples from the shift to the first alarm (a tighten), read from ``/v1/monitor``
-  after every request, and any alarm before the shift (a false alarm);
-* live agreement per window of ``--window`` items, guard on and off (the same stream served without
-  ``--guard``), against the backbone run in this process;
-* the FLOPs given back while tightened: mean FLOPs fraction (from the exit each item took) after the alarm,
-  guard on minus guard off, on the same items.
+  after every request (an upper bound: shadow runs finish after the answers went out), and any alarm before
+  the shift (a false alarm);
+* the fixed-size test the delay is held against: the smallest n at which a one-sided binomial test of
+  "disagreement <= T" at the same alpha has power 0.8 at the disagreement the unguarded server showed on the
+  shifted items;
+* live agreement with the backbone (run in this process on the same tensors) per window of ``--window``
+  items, guard on and off, and the lowest window that starts after the alarm;
+* FLOPs (from the exit each item took): on the clean items, guard on minus off (plus the guard's heads on
+  shadow items); after the alarm, the FLOPs given back (guard on minus off on the same items).
 
-False alarms on clean traffic are counted offline over ``--clean-replays`` seeded replays of clean images,
-feeding a :class:`~selfxit.serve.live_guard.LiveGuard` every item as a shadow sample (the no-shrink pass the
-server runs, here in this process: shadow fraction 1 is the worst case, the most evidence per item).
+False alarms on clean traffic are counted offline over ``--clean-orders`` seeded orders of all the clean
+images, each replayed ``--clean-passes`` times into one fresh :class:`~selfxit.serve.live_guard.LiveGuard`,
+every item a shadow sample (the no-shrink pass the server runs, here in this process: shadow fraction 1, the
+most evidence per item, is the worst case).
 
-    .venv/bin/python benchmarks/live_guard.py --items 3000 --shift-at 1000 --fractions 0.1 0.5
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/live_guard.py --runs blur:0.5 blur:0.1 blur:0.02 brightness:0.1
 """
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import socket
 import subprocess
@@ -47,53 +56,74 @@ from selfxit.zoo import load_backbone  # noqa: E402
 from selfxit.zoo.data import IMAGE_EXTENSIONS, image_transform  # noqa: E402
 
 
+def fixed_test_size(tolerance: float, drop: float, alpha: float, power: float = 0.8) -> int | None:
+    """Smallest n at which the one-sided binomial test of ``p <= tolerance`` at level ``alpha`` rejects with
+    probability ``power`` when the disagreement is ``drop`` (None when ``drop <= tolerance``)."""
+    from scipy.stats import binom
+    if drop <= tolerance:
+        return None
+    for n in range(10, 200_000):
+        critical = int(binom.isf(alpha, n, tolerance)) + 1  # reject when the count reaches it: P0 <= alpha
+        if binom.sf(critical - 1, n, drop) >= power:
+            return n
+    return None
+
+
+class Pool:
+    """Every shared image, clean and under each shift: PNG bytes to send, tensors and backbone classes."""
+
+    def __init__(self, files, transform, model, shifts: list[str], strength: float | None):
+        from PIL import Image
+        self.png: dict[str, list[bytes]] = {}
+        self.reference: dict[str, np.ndarray] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+        rgbs = []
+        for path in files:
+            with Image.open(path) as img:
+                rgbs.append(img.convert("RGB"))
+        for kind in ["clean", *shifts]:
+            images = rgbs if kind == "clean" else [apply_shift(im, kind, 0, strength) for im in rgbs]
+            pngs = []
+            for im in images:
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")  # lossless: the server decodes the very pixels the backbone saw here
+                pngs.append(buf.getvalue())
+            x = torch.stack([transform(im) for im in images])
+            with torch.inference_mode():
+                self.reference[kind] = torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)]).numpy()
+            self.png[kind], self.tensors[kind] = pngs, x
+
+    def stream(self, n: int, shift_at: int, shift: str, seed: int) -> tuple[list[str], np.ndarray]:
+        """(kind per item, pool index per item): seeded orders, a new one each pass."""
+        rng = np.random.default_rng(seed)
+        size = len(self.reference["clean"])
+        order = np.concatenate([rng.permutation(size) for _ in range(n // size + 1)])[:n]
+        return ["clean" if k < shift_at else shift for k in range(n)], order
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _files(data: Path) -> list[Path]:
-    return sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def _stream(files, transform, n: int, shift_at: int | None, shift: str, strength: float | None, seed: int):
-    """n inputs: the files in seeded orders (a new order each pass), shifted from item ``shift_at`` on."""
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    while len(order) < n:
-        order.extend(rng.permutation(len(files)).tolist())
-    xs = []
-    for k, i in enumerate(order[:n]):
-        with Image.open(files[i]) as img:
-            rgb = img.convert("RGB")
-            if shift_at is not None and k >= shift_at:
-                rgb = apply_shift(rgb, shift, seed + k, strength)
-            xs.append(transform(rgb))
-    return torch.stack(xs)
-
-
-def _backbone(model, x: torch.Tensor) -> np.ndarray:
-    with torch.inference_mode():
-        return torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)]).numpy()
-
-
-def _serve(bundle: Path, model: str, x: torch.Tensor, batch: int, extra: list[str], shift_at: int, log_dir: Path):
-    """Stream ``x`` to a fresh server; returns classes, exits, failures and the guard trace."""
+def _serve(bundle: Path, model: str, pool: Pool, kinds, order, batch: int, extra: list[str], shift_at: int,
+           after_alarm: int | None, log_dir: Path) -> dict:
+    """Stream the items to a fresh server, ``batch`` per request (a request boundary at the shift); with the
+    guard on, stop ``after_alarm`` items after the first tighten after the shift."""
     import httpx
     port = _free_port()
     out = open(log_dir / f"server-{port}.log", "w+")
     cmd = [sys.executable, "-m", "selfxit", "serve", "--bundle", str(bundle), "--model", model, "--port", str(port),
-           "--threads", "1", "--max-wait-ms", "2", "--reload-poll-s", "0", "--log-level", "warning", *extra]
+           "--threads", "1", "--max-wait-ms", "1", "--reload-poll-s", "0", "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     guarded = "--guard" in extra
-    classes = np.full(len(x), -1)
-    exits: list[str] = ["?"] * len(x)
-    failed, trace = 0, []
+    n = len(order)
+    classes, exits = np.full(n, -1), ["?"] * n
+    failed, trace, stop = 0, [], n
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            deadline = time.monotonic() + 180
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            deadline = time.monotonic() + 300
             while True:
                 if proc.poll() is not None:
                     out.seek(0)
@@ -106,61 +136,82 @@ def _serve(bundle: Path, model: str, x: torch.Tensor, batch: int, extra: list[st
                 if time.monotonic() > deadline:
                     raise RuntimeError("server did not come up")
                 time.sleep(0.2)
-            t0 = time.perf_counter()
-            for start in range(0, len(x), batch):
-                r = client.post("/v1/predict", json={"inputs": x[start:start + batch].tolist()})
+            t0, start = time.perf_counter(), 0
+            while start < stop:
+                end = min(start + batch, stop, shift_at if start < shift_at else stop)
+                files = [("files", (f"{k}.png", pool.png[kinds[k]][order[k]], "image/png")) for k in range(start, end)]
+                for _ in range(30):  # admission control answers 503 + Retry-After on a loaded machine: wait it out
+                    r = client.post("/v1/predict", files=files)
+                    if r.status_code != 503:
+                        break
+                    time.sleep(float(r.headers.get("Retry-After", "1")))
                 if r.status_code != 200:
                     failed += 1
-                    continue
-                for item in r.json()["items"]:
-                    classes[start + item["index"]] = item["class"]
-                    exits[start + item["index"]] = item["exit"]
+                else:
+                    for item in r.json()["items"]:
+                        classes[start + item["index"]] = item["class"]
+                        exits[start + item["index"]] = item["exit"]
+                start = end
                 if guarded:
                     g = client.get("/v1/monitor").json()["guard"]
-                    trace.append((start + batch, g["shadow_samples"], g["tightened"], g["scale"], g["alarmed"]))
+                    trace.append((end, g["shadow_samples"], g["tightened"], g["relaxed"], g["scale"]))
+                    if after_alarm is not None and stop == n and end > shift_at and g["tightened"] > _before(trace, shift_at):
+                        stop = min(n, end + after_alarm)
             seconds = time.perf_counter() - t0
     finally:
         proc.terminate()
         proc.wait(30)
         out.close()
-    return {"classes": classes, "exits": exits, "failed": failed, "trace": trace, "seconds": seconds}
+    return {"classes": classes[:stop], "exits": exits[:stop], "failed": failed, "trace": trace, "seconds": seconds,
+            "items": stop}
+
+
+def _before(trace, shift_at: int) -> int:
+    return max((t for items, _, t, *_ in trace if items <= shift_at), default=0)
 
 
 def _alarm(trace, shift_at: int) -> dict:
     """Items and shadow samples from the shift to the first tighten, and tightens before the shift."""
     at_shift = next((s for items, s, *_ in trace if items >= shift_at), None)
-    before = max((t for items, _, t, *_ in trace if items <= shift_at), default=0)
+    before = _before(trace, shift_at)
     first = next(((items, s) for items, s, t, *_ in trace if t > before and items > shift_at), None)
-    final = trace[-1] if trace else (0, 0, 0, None, False)
-    return {"false_alarms": before, "items": None if first is None else first[0] - shift_at,
-            "shadow": None if first is None or at_shift is None else first[1] - at_shift,
-            "alarm_item": None if first is None else first[0], "final_scale": final[3], "tightens": final[2]}
+    final = trace[-1] if trace else (0, 0, 0, 0, None)
+    return {"false_alarms": before, "delay_items": None if first is None else first[0] - shift_at,
+            "delay_shadow": None if first is None or at_shift is None else first[1] - at_shift,
+            "alarm_item": None if first is None else first[0], "final_scale": final[4], "tightens": final[2],
+            "relaxes": final[3], "shadow_at_shift": at_shift}
 
 
-def _windows(classes, reference, window: int) -> list[float]:
-    return [float(np.mean(classes[i:i + window] == reference[i:i + window])) for i in range(0, len(classes), window)]
+def _windows(agree: np.ndarray, window: int) -> list[float]:
+    return [float(np.mean(agree[i:i + window])) for i in range(0, len(agree) - window + 1, window)]
 
 
-def _clean_false_alarms(bundle_ee, x: torch.Tensor, replays: int, items: int, alpha: float, seed: int) -> tuple[int, int]:
-    """(alarms, samples fed) over seeded clean replays, every item a shadow sample (offline, same pass)."""
-    bg = BundleGuard(bundle_ee, GuardConfig(alpha=alpha, base_shadow=1.0, max_shadow=1.0))
+def clean_false_alarms(ee, x: torch.Tensor, orders: int, passes: int, alpha: float, seed: int) -> tuple[int, int, float]:
+    """(alarms, samples fed, clean disagreement at the certified scale) over ``orders`` seeded orders of the
+    clean images, each replayed ``passes`` times into one fresh guard, every item a shadow sample."""
+    bg = BundleGuard(ee, GuardConfig(alpha=alpha, base_shadow=1.0, max_shadow=1.0))
     with torch.inference_mode():
         outs = [bg.shadow(x[i:i + 256]) for i in range(0, len(x), 256)]
     backbone = torch.cat([o.logits.argmax(1) for o in outs]).tolist()
     preds = torch.cat([o.exit_predictions for o in outs], 1).t().tolist()
     scores = torch.cat([o.exit_confidence for o in outs], 1).float().t().tolist()
+    probe = LiveGuard(ee.family, GuardConfig(alpha=alpha, base_shadow=1.0, max_shadow=1.0))
+    drop = float(np.mean([probe.disagrees(probe.scale, b, p, s) for b, p, s in zip(backbone, preds, scores)]))
     rng = np.random.default_rng(seed)
     alarms = fed = 0
-    for _ in range(replays):
-        guard = LiveGuard(bundle_ee.family, GuardConfig(alpha=alpha, base_shadow=1.0, max_shadow=1.0))
-        order = np.concatenate([rng.permutation(len(x)) for _ in range(items // len(x) + 1)])[:items]
-        for i in order:
+    for _ in range(orders):
+        guard = LiveGuard(ee.family, GuardConfig(alpha=alpha, base_shadow=1.0, max_shadow=1.0))
+        for i in np.concatenate([rng.permutation(len(x)) for _ in range(passes)]):
             fed += 1
             move = guard.observe(backbone[i], preds[i], scores[i])
             if move is not None and move.kind == "tighten":
                 alarms += 1
                 break
-    return alarms, fed
+    return alarms, fed, drop
+
+
+def _fmt(v, spec=".4f"):
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
 
 
 def main(argv=None) -> None:
@@ -168,101 +219,129 @@ def main(argv=None) -> None:
     p.add_argument("--bundle", type=Path, help="a certified bundle (default: build the ResNet-56 5%% one)")
     p.add_argument("--model", default="cifar_resnet56")
     p.add_argument("--data", type=Path, default=shared_dir() / "data" / "cifar10-test")
-    p.add_argument("--items", type=int, default=6000, help="items per served stream")
-    p.add_argument("--shift-at", type=int, help="first shifted item (default: items // 3)")
-    p.add_argument("--shift", default="blur", choices=["blur", "noise", "brightness"])
+    p.add_argument("--runs", nargs="+", default=["blur:0.5", "blur:0.1", "blur:0.02", "brightness:0.1"],
+                   help="SHIFT:SHADOW_FRACTION, one guarded stream each")
+    p.add_argument("--shift-at", type=int, default=3000, help="first shifted item")
+    p.add_argument("--max-items", type=int, default=80_000, help="longest stream")
+    p.add_argument("--after-alarm", type=int, default=5000, help="items served after the first alarm, then stop")
     p.add_argument("--strength", type=float, help="shift strength (default: apply_shift's)")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.1, 0.5], help="shadow fractions")
     p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--max-shadow", type=float, help="--guard-max-shadow (default: the server's)")
     p.add_argument("--window", type=int, default=500)
-    p.add_argument("--batch", type=int, default=16, help="items per request")
-    p.add_argument("--clean-replays", type=int, default=20)
-    p.add_argument("--clean-items", type=int, default=2000, help="items per clean replay")
-    p.add_argument("--clean-pool", type=int, default=2000, help="distinct clean images the replays draw from")
+    p.add_argument("--batch", type=int, default=64, help="items per request")
+    p.add_argument("--clean-orders", type=int, default=10)
+    p.add_argument("--clean-passes", type=int, default=5, help="replays of all clean images per order")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    p.add_argument("--json-out", type=Path, help="also write the measured figures here")
     args = p.parse_args(argv)
     quiet_libraries()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     work = args.work or Path(tempfile.mkdtemp(prefix="live_guard-"))
     work.mkdir(parents=True, exist_ok=True)
+    runs = [(r.split(":")[0], float(r.split(":")[1])) for r in args.runs]
     bundle = args.bundle
     if bundle is None:
         bundle = work / "bundle"
         if not (bundle / "manifest.json").exists():
             cmd = [sys.executable, "-m", "selfxit", "enable", "--model", args.model, "--data", str(args.data),
-                   "--tolerance", "0.05", "--out", str(bundle)]
+                   "--tolerance", "0.05", "--max-samples", "4000", "--out", str(bundle)]
             print("building the bundle:", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    shift_at = args.shift_at if args.shift_at is not None else args.items // 3
     model, info = load_backbone(args.model)
     ee = selfxit.load(bundle, model)
     if ee.family is None or ee.family.scale is None:
         raise SystemExit(f"{bundle}: no certified family/scale, nothing to guard")
-    names = list(ee.thresholds) + ["final"]
-    cost = dict(zip(names, cost_per_exit(ee) / ee.backbone_flops))
-    files = _files(args.data)
-    transform = image_transform(info)
+    tol = ee.family.tolerance
+    cost = dict(zip([*ee.thresholds, "final"], cost_per_exit(ee) / ee.backbone_flops))
+    guard_heads = sum(ee.head_flops[layer] for layer in ee.family.shape) / ee.backbone_flops
+    files = sorted(p for p in args.data.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     t0 = time.perf_counter()
-    x = _stream(files, transform, args.items, shift_at, args.shift, args.strength, args.seed)
-    reference = _backbone(model, x)
-    print(f"stream: {args.items} items ({shift_at} clean, then {args.shift}); bundle {bundle} certified scale "
-          f"{ee.family.scale} on {list(ee.family.shape)} (prepared in {time.perf_counter() - t0:.0f} s)", flush=True)
+    shifts = sorted({s for s, _ in runs})
+    pool = Pool(files, image_transform(info), model, shifts, args.strength)
+    print(f"pool: {len(files)} images, clean + {shifts}; bundle {bundle}: certified scale {ee.family.scale} on "
+          f"{list(ee.family.shape)} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    runs = {"off": _serve(bundle, args.model, x, args.batch, [], shift_at, work)}
-    for f in args.fractions:
-        extra = ["--guard", "--shadow-fraction", str(f), "--guard-alpha", str(args.alpha)]
-        if args.max_shadow is not None:
-            extra += ["--guard-max-shadow", str(args.max_shadow)]
-        runs[f"on@{f:g}"] = _serve(bundle, args.model, x, args.batch, extra, shift_at, work)
-        print(f"ran shadow fraction {f:g} in {runs[f'on@{f:g}']['seconds']:.0f} s", flush=True)
+    results, rows = {}, []
+    for shift in shifts:
+        kinds, order = pool.stream(args.max_items, args.shift_at, shift, args.seed)
+        ref = np.array([pool.reference[k][i] for k, i in zip(kinds, order)])
+        served = {}
+        for s, f in runs:
+            if s != shift:
+                continue
+            extra = ["--guard", "--shadow-fraction", str(f), "--guard-alpha", str(args.alpha)]
+            extra += ["--guard-max-shadow", str(args.max_shadow)] if args.max_shadow is not None else []
+            served[f] = _serve(bundle, args.model, pool, kinds, order, args.batch, extra, args.shift_at,
+                               args.after_alarm, work)
+            print(f"{shift} @ {f:g}: {served[f]['items']} items in {served[f]['seconds']:.0f} s; "
+                  f"{_alarm(served[f]['trace'], args.shift_at)}", flush=True)
+        longest = max(r["items"] for r in served.values())
+        off = _serve(bundle, args.model, pool, kinds, order[:longest], args.batch, ["--shadow-fraction", "0"],
+                     args.shift_at, None, work)
+        print(f"{shift} guard off: {longest} items in {off['seconds']:.0f} s", flush=True)
+        off_agree = off["classes"] == ref[:longest]
+        off_cost = np.array([cost.get(e, np.nan) for e in off["exits"]])
+        drop = float(1 - off_agree[args.shift_at:].mean())
+        n_fixed = fixed_test_size(tol, drop, args.alpha)
+        rows.append({"shift": shift, "run": "off", "items": longest, "failed": off["failed"],
+                     "clean_agree": float(off_agree[:args.shift_at].mean()), "shift_agree": 1 - drop,
+                     "flops_clean": float(np.nanmean(off_cost[:args.shift_at])), "fixed_n": n_fixed,
+                     "windows": _windows(off_agree, args.window)})
+        for f, run in served.items():
+            m = run["items"]
+            agree = run["classes"] == ref[:m]
+            run_cost = np.array([cost.get(e, np.nan) for e in run["exits"]])
+            alarm = _alarm(run["trace"], args.shift_at)
+            row = {"shift": shift, "run": f"on@{f:g}", "fraction": f, "items": m, "failed": run["failed"],
+                   "clean_agree": float(agree[:args.shift_at].mean()), "shift_agree": float(agree[args.shift_at:].mean()),
+                   "flops_clean": float(np.nanmean(run_cost[:args.shift_at])),
+                   "flops_clean_vs_off": float(np.nanmean(run_cost[:args.shift_at]) - np.nanmean(off_cost[:args.shift_at]))
+                   + f * guard_heads, "fixed_n": n_fixed, "windows": _windows(agree, args.window), **alarm}
+            at = alarm["alarm_item"]
+            if at is not None:
+                starts = range(0, m - args.window + 1, args.window)
+                late = [row["windows"][j] for j, s0 in enumerate(starts) if s0 >= at]
+                row["min_window_after_alarm"] = min(late) if late else None
+                row["windows_after_alarm"] = len(late)
+                row["after_agree"] = float(agree[at:].mean())
+                row["after_agree_off"] = float(off_agree[at:m].mean())
+                row["given_back"] = float(np.nanmean(run_cost[at:]) - np.nanmean(off_cost[at:m]))
+            rows.append(row)
+        results[shift] = {"drop_off": drop, "fixed_n": n_fixed}
 
-    off_cost = np.array([cost.get(e, np.nan) for e in runs["off"]["exits"]])
-    rows = []
-    for name, run in runs.items():
-        agree = _windows(run["classes"], reference, args.window)
-        run_cost = np.array([cost.get(e, np.nan) for e in run["exits"]])
-        row = {"run": name, "failed": run["failed"], "flops": np.nanmean(run_cost),
-               "clean_agree": float(np.mean(run["classes"][:shift_at] == reference[:shift_at])),
-               "shift_agree": float(np.mean(run["classes"][shift_at:] == reference[shift_at:])), "windows": agree}
-        if name != "off":
-            alarm = _alarm(run["trace"], shift_at)
-            row.update(alarm)
-            if alarm["alarm_item"] is not None:
-                after = slice(alarm["alarm_item"], None)
-                row["given_back"] = float(np.nanmean(run_cost[after]) - np.nanmean(off_cost[after]))
-                row["after_agree"] = float(np.mean(run["classes"][after] == reference[after]))
-                row["after_agree_off"] = float(np.mean(runs["off"]["classes"][after] == reference[after]))
-        rows.append(row)
+    t1 = time.perf_counter()
+    alarms, fed, clean_drop = clean_false_alarms(ee, pool.tensors["clean"], args.clean_orders, args.clean_passes,
+                                                 args.alpha, args.seed + 2)
+    print(f"clean replays in {time.perf_counter() - t1:.0f} s", flush=True)
 
-    pool = _stream(files, transform, min(args.clean_pool, len(files)), None, args.shift, None, args.seed + 1)
-    alarms, fed = _clean_false_alarms(ee, pool, args.clean_replays, args.clean_items, args.alpha, args.seed + 2)
-
-    def fmt(v, spec=".4f"):
-        return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
-
-    print(f"\nlive guard, {args.model}, tolerance {ee.family.tolerance:g}, alpha {args.alpha:g}, shift {args.shift} at "
-          f"item {shift_at} of {args.items}, windows of {args.window} items\n")
-    print("| run | failed | alarm: items after shift | alarm: shadow samples | false alarms before shift | "
-          "tightens / final scale | agreement clean / shifted | after alarm: agreement on vs off | "
-          "FLOPs given back after alarm | FLOPs fraction |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\nlive guard, {args.model}, tolerance {tol:g}, alpha {args.alpha:g}, certified scale {ee.family.scale}, "
+          f"shift at item {args.shift_at}, {args.batch} PNG images per request, windows of {args.window} items\n")
+    print("| shift | run | items | failed | alarm: items / shadow samples after shift | fixed test n (2n) | "
+          "false alarms before shift | tightens / relaxes / final scale | agreement clean / shifted | "
+          "lowest window after alarm | after alarm: agreement on vs off | FLOPs given back after alarm | "
+          "clean FLOPs on - off |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         on = r["run"] != "off"
-        print(f"| {r['run']} | {r['failed']} | {fmt(r.get('items'), 'd') if on else '-'} | "
-              f"{fmt(r.get('shadow'), 'd') if on else '-'} | {r.get('false_alarms', '-')} | "
-              f"{str(r.get('tightens', '-')) + ' / ' + fmt(r.get('final_scale'), 'g') if on else '-'} | "
-              f"{r['clean_agree']:.4f} / {r['shift_agree']:.4f} | "
-              f"{fmt(r.get('after_agree')) + ' vs ' + fmt(r.get('after_agree_off')) if on else '-'} | "
-              f"{fmt(r.get('given_back'), '+.4f') if on else '-'} | {r['flops']:.4f} |")
-    print("\nagreement per window (window: first item):")
-    print("| run | " + " | ".join(str(i * args.window) for i in range(len(rows[0]["windows"]))) + " |")
-    print("|---|" + "---|" * len(rows[0]["windows"]))
+        n2 = f"{r['fixed_n']} ({2 * r['fixed_n']})" if r["fixed_n"] else "-"
+        print(f"| {r['shift']} | {r['run']} | {r['items']} | {r['failed']} | "
+              f"{_fmt(r.get('delay_items'), 'd')} / {_fmt(r.get('delay_shadow'), 'd')} | {n2} | "
+              f"{r.get('false_alarms', '-')} | "
+              f"{(str(r['tightens']) + ' / ' + str(r['relaxes']) + ' / ' + _fmt(r['final_scale'], 'g')) if on else '-'} | "
+              f"{r['clean_agree']:.4f} / {r['shift_agree']:.4f} | {_fmt(r.get('min_window_after_alarm'), '.3f')} | "
+              f"{(_fmt(r.get('after_agree')) + ' vs ' + _fmt(r.get('after_agree_off'))) if on else '-'} | "
+              f"{_fmt(r.get('given_back'), '+.4f') if on else '-'} | "
+              f"{_fmt(r.get('flops_clean_vs_off'), '+.4f') if on else _fmt(r['flops_clean'])} |")
+    print("\nagreement per window (first item of the window):")
     for r in rows:
-        print(f"| {r['run']} | " + " | ".join(f"{a:.3f}" for a in r["windows"]) + " |")
-    print(f"\nclean replays (offline, every item a shadow sample): {alarms} false alarms in {args.clean_replays} "
-          f"replays of {args.clean_items} items ({fed} samples fed, pool of {len(pool)} images)")
+        print(f"{r['shift']} {r['run']}: " + " ".join(f"{i * args.window}:{a:.3f}" for i, a in enumerate(r["windows"])))
+    print(f"\nclean replays (offline, every item a shadow sample): {alarms} false alarms in {args.clean_orders} "
+          f"orders of {args.clean_passes} x {len(pool.tensors['clean'])} items ({fed} samples fed); clean "
+          f"disagreement at the certified scale {clean_drop:.4f}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"rows": rows, "shifts": results, "clean_alarms": alarms,
+                                             "clean_fed": fed, "clean_drop": clean_drop}, indent=1))
 
 
 if __name__ == "__main__":

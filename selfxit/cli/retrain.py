@@ -20,23 +20,39 @@ def run_retrain(args) -> None:
     from selfxit.ops.versions import BundleStore
     config = RetrainConfig(since=parse_duration(args.since) if args.since != "all" else None,
                            holdout_fraction=args.holdout, tolerance=args.tolerance, min_records=args.min_records,
-                           seed=args.seed, epochs=args.epochs, keep=args.keep, work_dir=args.work_dir)
+                           seed=args.seed, epochs=args.epochs, keep=args.keep, work_dir=args.work_dir,
+                           ray_workers=args.replicas if args.ray else 0)
+    if args.ray:  # record on an actor pool, heads as Ray tasks (selfxit.ops.ray_jobs); the same publish rule
+        from selfxit.ops.ray_cluster import connect, shutdown_at_exit
+        if connect(args.address, args.ray_cpus, feature="selfxit retrain --ray"):
+            shutdown_at_exit()
     if not Path(args.log).exists() and "://" not in str(args.log):
         raise FileNotFoundError(f"traffic log not found: {args.log} (write one with `selfxit serve --log` or `selfxit collect`)")
+    from selfxit.ops.retrain import guard_alarm, read_guard_state
+    state_path = args.guard_state or (None if "://" in str(args.log) else Path(args.log) / "guard.json")
     if args.if_alarmed:  # the hourly job: only when the live guard found the promise broken
-        from selfxit.ops.retrain import guard_alarm
-        if not args.guard_state and "://" in str(args.log):
+        if state_path is None:
             raise ValueError("--if-alarmed with a remote --log needs --guard-state (the server's guard.json)")
-        run_now, why = guard_alarm(args.guard_state or Path(args.log) / "guard.json", args.log, args.min_records)
+        run_now, why = guard_alarm(state_path, args.log, args.min_records)
         if not run_now:
             print(json.dumps({"published": False, "ran": False, "reason": why}, indent=1) if args.json
                   else f"selfxit retrain --if-alarmed: {why}")
             return
         print(f"selfxit retrain --if-alarmed: {why}: retraining", file=sys.stderr)
+    guard = None  # the live guard's state, when the server runs --guard: kept in the result, its scale checked
+    if state_path is not None:
+        try:
+            guard = read_guard_state(state_path)
+        except FileNotFoundError:
+            if args.guard_state:
+                raise
+        except ValueError as exc:
+            print(f"selfxit retrain: {exc}; going on without it", file=sys.stderr)
     model, info = load_backbone(args)
     store = BundleStore(args.out, keep=args.keep)
     try:
-        result = retrain(args.log, store, model, info, config, current_bundle=args.bundle, progress=not args.json)
+        result = retrain(args.log, store, model, info, config, current_bundle=args.bundle, progress=not args.json,
+                         guard=guard)
     except Interrupted as e:  # SIGTERM / SIGINT: the working folder is already removed
         print(f"selfxit retrain: {e}; its working folder was removed; current version: {store.current()}",
               file=sys.stderr)
@@ -81,6 +97,16 @@ def run_versions(args) -> None:
               file=sys.stdout)
 
 
+def add_ray_args(p, replicas_help: str) -> None:
+    """``--ray``, ``--address``, ``--replicas`` and ``--ray-cpus`` of ``retrain`` and ``collect``."""
+    g = p.add_argument_group("Ray (--ray; needs pip install 'selfxit[ray]')")
+    g.add_argument("--ray", action="store_true", help="run the heavy steps on Ray (Ray Data, an actor pool)")
+    g.add_argument("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:PORT or auto); default: start a "
+                                     "local one on 127.0.0.1")
+    g.add_argument("--replicas", type=int, default=2, help=replicas_help + " (default 2)")
+    g.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray started without --address (default: all)")
+
+
 def add_parser(sub) -> None:
     """Register ``retrain``, ``rollback`` and ``versions`` on an argparse ``sub`` (subparsers) object."""
     p = sub.add_parser("retrain", help="retrain exits on logged traffic; publish only if they pass validation")
@@ -102,8 +128,11 @@ def add_parser(sub) -> None:
     p.add_argument("--if-alarmed", action="store_true",
                    help="run only when the live guard's state (`selfxit serve --guard`) says alarmed and the log "
                         "holds --min-records records since the alarm; otherwise exit 0 saying why")
-    p.add_argument("--guard-state", help="the live guard's state file (default: LOG/guard.json)")
+    p.add_argument("--guard-state", help="the live guard's state file (default: LOG/guard.json when it exists); "
+                                         "read by every run: kept in the result, and when alarmed the current "
+                                         "bundle is also checked at the guard's last scale")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_ray_args(p, "backbone actors recording the medial dataset (heads train as one Ray task per layer)")
     p.set_defaults(func=run_retrain)
 
     p = sub.add_parser("rollback", help="make the previous published version current again")

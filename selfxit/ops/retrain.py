@@ -79,6 +79,9 @@ class RetrainConfig:
     epochs: int = 10  # warm-started heads need fewer epochs than fresh ones
     keep: int = 5  # published versions kept
     work_dir: str | Path | None = None  # parent of the run's working folder; default BUNDLES/.work
+    # on Ray (selfxit.ops.ray_jobs, `retrain --ray`): record with this many backbone actors, heads as Ray tasks;
+    # 0: all in this process. Ray must be initialised (selfxit.ops.ray_cluster.connect)
+    ray_workers: int = 0
 
     def __post_init__(self):
         if not 0 < self.holdout_fraction < 1:
@@ -87,6 +90,8 @@ class RetrainConfig:
             raise ValueError(f"tolerance must be in (0, 1); got {self.tolerance}")
         if self.min_records < 20:
             raise ValueError(f"min_records must be at least 20; got {self.min_records}")
+        if self.ray_workers < 0:
+            raise ValueError(f"ray_workers must be >= 0; got {self.ray_workers}")
 
 
 @dataclass
@@ -115,9 +120,35 @@ class RetrainResult:
     seconds: dict[str, float] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)  # left by runs/publishers/writers that died, removed at start
     work_dir: str | None = None  # this run's working folder (removed when the run ends)
+    guard: dict | None = None  # the live guard's state the job read (guard.json), None when there was none
+    served: BundleCheck | None = None  # the current bundle at the guard's last scale: what was served while alarmed
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+GUARD_KEYS = ("active", "reason", "alarmed", "scale", "certified_scale", "tolerance", "alarmed_since",
+              "bundle_version", "updated_at")
+
+
+def read_guard_state(state_path: str | Path) -> dict:
+    """The live guard's state file (``guard.json``, written by ``selfxit serve --guard``), reduced to what the
+    nightly job reads: ``GUARD_KEYS`` plus ``tightens`` (the number of alarms). Raises FileNotFoundError when
+    there is none and ValueError when it cannot be read."""
+    path = Path(state_path)
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"the live guard state {path} could not be read ({exc})") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"the live guard state {path} is not a JSON object")
+    moves = state.get("moves") if isinstance(state.get("moves"), list) else []
+    return {**{k: state.get(k) for k in GUARD_KEYS}, "path": str(path),
+            "tightens": sum(isinstance(m, dict) and m.get("kind") == "tighten" for m in moves),
+            "first_tighten": min((m["at"] for m in moves if isinstance(m, dict) and m.get("kind") == "tighten"
+                                  and isinstance(m.get("at"), (int, float))), default=None)}
 
 
 def guard_alarm(state_path: str | Path, log: str | Path, min_records: int) -> tuple[bool, str]:
@@ -126,20 +157,19 @@ def guard_alarm(state_path: str | Path, log: str | Path, min_records: int) -> tu
     ``min_records`` records since the alarm's first tighten."""
     path = Path(state_path)
     try:
-        state = json.loads(path.read_text())
+        state = read_guard_state(path)
     except FileNotFoundError:
         return False, (f"no live guard state at {path} (serve with --guard and --log, or give --guard-state): "
                        "nothing to do")
-    except (OSError, ValueError) as exc:
-        return False, f"the live guard state {path} could not be read ({exc}): nothing done"
+    except ValueError as exc:
+        return False, f"{exc}: nothing done"
     if not state.get("alarmed"):
         why = "not alarmed" if state.get("active", True) else f"off ({state.get('reason')})"
         return False, (f"the live guard is {why} (scale {state.get('scale')}, certified {state.get('certified_scale')}, "
                        f"updated {state.get('updated_at')}): nothing to do")
     since = state.get("alarmed_since")
     if since is None:
-        tightens = [m["at"] for m in state.get("moves", []) if m.get("kind") == "tighten"]
-        since = min(tightens) if tightens else None
+        since = state["first_tighten"]
     records = TrafficLog(log).count(since=since)
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since)) + " UTC" if since else "?"
     if records < min_records:
@@ -165,6 +195,71 @@ def _check(ee: EarlyExitModel, inputs: torch.Tensor, reference: torch.Tensor) ->
     return BundleCheck(result.flops_fraction, result.agreement, result.exit_rates)
 
 
+def served_check(current: EarlyExitModel, guard: dict | None, inputs: torch.Tensor,
+                 reference: torch.Tensor) -> tuple[BundleCheck | None, str]:
+    """The current bundle at the live guard's last scale on the held-back traffic, and a note for the reason.
+
+    While alarmed the server answered with the family's thresholds at ``guard['scale']``, not the certified
+    ones; this is what the guard bought on the recent traffic. It is reported, not used by the publish rule
+    (:func:`decide`, unchanged). None when the guard was calm, watches another version, or the bundle has no
+    family. ``current``'s thresholds are put back before it returns.
+    """
+    if not guard or not guard.get("alarmed") or not isinstance(guard.get("scale"), (int, float)):
+        return None, ""
+    family = current.family
+    version = current.provenance.version
+    if family is None or (guard.get("bundle_version") is not None and guard["bundle_version"] != version):
+        return None, (f"; the live guard alarmed on version {guard.get('bundle_version')}, not the current "
+                      f"{version}: its scale is not checked")
+    scale = float(guard["scale"])
+    if scale <= 0:  # the backbone alone: agrees with itself and spends all of it
+        check = BundleCheck(1.0, 1.0, {})
+    else:
+        saved = dict(current.thresholds)
+        try:
+            current.thresholds = family.thresholds(scale)
+            check = _check(current, inputs, reference)
+        finally:
+            current.thresholds = saved
+    return check, (f"; the live guard was alarmed (scale {scale:g} of certified {family.scale}, "
+                   f"{guard.get('tightens')} alarm(s)): there agreement {check.agreement:.4f} at FLOPs fraction "
+                   f"{check.flops_fraction:.3f}")
+
+
+def build_candidate(model: torch.nn.Module, current: EarlyExitModel, train_inputs: torch.Tensor, medial_dir: Path,
+                    tolerance: float, config: RetrainConfig, progress: bool = True,
+                    timings: dict[str, float] | None = None) -> EarlyExitModel:
+    """Steps 2 and 3: record the medial dataset of ``train_inputs`` and fit the candidate bundle.
+
+    The same candidates, head specs (warm-started from ``current``), seed and fit as ``enable``; with
+    ``config.ray_workers`` the recording runs on an actor pool and each head trains as its own Ray task
+    (:mod:`selfxit.ops.ray_jobs`), then the same fit reuses those heads, so both paths end in the same rule.
+    """
+    timings = {} if timings is None else timings
+    t = time.perf_counter()
+    candidate = wrap(model, torch.zeros(1, *current.input_shape), candidate_layers=[c.name for c in current.candidates])
+    names = {c.name for c in candidate.candidates}
+    specs = {n: spec for n, spec in current.head_specs.items() if n in names}
+    distill = DistillConfig(epochs=config.epochs, seed=config.seed)
+    if config.ray_workers:
+        from selfxit.ops import ray_jobs
+        candidate.medial = ray_jobs.record(candidate, train_inputs, medial_dir, config.seed, config.augment_copies,
+                                           config.ray_workers)
+        timings["collect"] = time.perf_counter() - t
+        t = time.perf_counter()
+        candidate.set_records(ray_jobs.train_heads(candidate, specs, distill, current.heads))
+    else:
+        candidate.collect(train_inputs, out_dir=medial_dir, seed=config.seed, augment_copies=config.augment_copies,
+                          progress=progress)
+        timings["collect"] = time.perf_counter() - t
+        t = time.perf_counter()
+    candidate.fit(tolerance, heads=specs, distill=distill, delta=config.delta, max_exits=config.max_exits,
+                  progress=progress, warm_start=current.heads,
+                  gate=current.gate)  # keep the serving bundle's kind of exit decision
+    timings["fit"] = time.perf_counter() - t
+    return candidate
+
+
 def decide(current: BundleCheck, candidate: BundleCheck, tolerance: float) -> tuple[bool, str]:
     """The publish rule (see the module docstring); returns (publish, reason)."""
     drop, current_drop = 1 - candidate.agreement, 1 - current.agreement
@@ -183,19 +278,22 @@ def decide(current: BundleCheck, candidate: BundleCheck, tolerance: float) -> tu
 
 def retrain(log: str | Path | TrafficLog, store: BundleStore, model: torch.nn.Module, info,
             config: RetrainConfig | None = None, current_bundle: str | Path | None = None,
-            progress: bool = True) -> RetrainResult:
+            progress: bool = True, guard: dict | None = None) -> RetrainResult:
     """Run the nightly job once (see the module docstring).
 
     ``store`` receives the new version; ``current_bundle`` defaults to the store's current version
     (when the store is empty, ``current_bundle`` is published into it first as version 1, so that
-    there is always a version to roll back to). ``info`` is the backbone's ``ModelInfo``.
+    there is always a version to roll back to). ``info`` is the backbone's ``ModelInfo``. ``guard``: the
+    live guard's state (:func:`read_guard_state`); it is kept in the result, and when alarmed the current
+    bundle is also checked at the guard's last scale (:func:`served_check`, reported in the reason and the
+    store's history). The publish rule does not change.
 
     SIGTERM and SIGINT raise :class:`selfxit.ops.signals.Interrupted` (a SystemExit) while it runs, so the
     working folder is removed and a publish in progress completes or is undone.
     """
     config = config or RetrainConfig()
     with raise_on_signals():
-        return _retrain(log, store, model, info, config, current_bundle, progress)
+        return _retrain(log, store, model, info, config, current_bundle, progress, guard)
 
 
 def _remove_litter(store: BundleStore, work_root: Path) -> list[str]:
@@ -207,7 +305,7 @@ def _remove_litter(store: BundleStore, work_root: Path) -> list[str]:
 
 
 def _retrain(log_location, store: BundleStore, model: torch.nn.Module, info, config: RetrainConfig,
-             current_bundle, progress: bool) -> RetrainResult:
+             current_bundle, progress: bool, guard: dict | None = None) -> RetrainResult:
     timings: dict[str, float] = {}
     start = time.perf_counter()
     work_root = Path(config.work_dir) if config.work_dir is not None else store.root / WORK
@@ -228,7 +326,7 @@ def _retrain(log_location, store: BundleStore, model: torch.nn.Module, info, con
     records = sorted(traffic.read(since=since), key=lambda r: r.timestamp)
     digest = window_digest(records)
     result = RetrainResult(False, store.current(), "", len(records), tolerance=tolerance, window_digest=digest,
-                           removed=removed)
+                           removed=removed, guard=guard)
     if len(records) < config.min_records:
         result.reason = f"only {len(records)} records in the window (min_records {config.min_records}): nothing done"
         return result
@@ -245,29 +343,20 @@ def _retrain(log_location, store: BundleStore, model: torch.nn.Module, info, con
     try:
         work = work_dir(work_root)
         result.work_dir = str(work)
-        t = time.perf_counter()
-        candidate = wrap(model, torch.zeros(1, *current.input_shape),
-                         candidate_layers=[c.name for c in current.candidates])
-        candidate.collect(train_inputs, out_dir=work / "medial", seed=config.seed,
-                          augment_copies=config.augment_copies, progress=progress)
-        timings["collect"] = time.perf_counter() - t
-        t = time.perf_counter()
-        names = {c.name for c in candidate.candidates}
-        candidate.fit(tolerance, heads={n: spec for n, spec in current.head_specs.items() if n in names},
-                      distill=DistillConfig(epochs=config.epochs, seed=config.seed), delta=config.delta,
-                      max_exits=config.max_exits, progress=progress, warm_start=current.heads,
-                      gate=current.gate)  # keep the serving bundle's kind of exit decision
-        timings["fit"] = time.perf_counter() - t
+        candidate = build_candidate(model, current, train_inputs, work / "medial", tolerance, config, progress,
+                                    timings)
         t = time.perf_counter()
         with torch.inference_mode():  # the backbone's answers, once for both bundles
             reference = torch.cat([current.backbone(x).argmax(1) for x in holdout.split(128)])
         result.current = _check(current, holdout, reference)
         result.candidate = _check(candidate, holdout, reference)
+        result.served, guard_note = served_check(current, guard, holdout, reference)
         timings["validate"] = time.perf_counter() - t
         publish, reason = decide(result.current, result.candidate, tolerance)
         if not candidate.thresholds:
             publish, reason = False, ("the candidate has no exit that keeps the tolerance on this window "
                                       "(too little traffic, or heads near chance)")
+        reason += guard_note
         result.reason = reason
         if publish:
             candidate.provenance = replace(current.provenance, version=None, retrain=RetrainProvenance(
@@ -293,10 +382,15 @@ def summary(result: RetrainResult) -> str:
     lines = [("PUBLISHED " + str(result.version)) if result.published else f"kept {result.version}",
              f"reason: {result.reason}",
              f"records in window: {result.records} (train {result.train_records}, held back {result.holdout_records})"]
-    for name, check in (("current", result.current), ("candidate", result.candidate)):
+    for name, check in (("current", result.current), ("candidate", result.candidate), ("served", result.served)):
         if check is not None:
             lines.append(f"{name:<10} FLOPs fraction {check.flops_fraction:.3f}   agreement {check.agreement:.4f}   "
                          f"(tolerance {result.tolerance:g})")
+    if result.guard:
+        g = result.guard
+        lines.append(f"live guard ({g.get('path')}): {'ALARMED' if g.get('alarmed') else 'calm'}, scale "
+                     f"{g.get('scale')} of certified {g.get('certified_scale')}, {g.get('tightens')} alarm(s), "
+                     f"updated {g.get('updated_at')}")
     if result.seconds:
         lines.append("seconds: " + ", ".join(f"{k} {v:g}" for k, v in result.seconds.items()))
     if result.removed:

@@ -36,6 +36,8 @@ import numpy as np
 
 from selfxit.core.exits import CertifiedFamily
 
+NEVER = 2.0  # a threshold no score in [0, 1] reaches: what the guard serves at s = 0
+
 
 @dataclass
 class GuardConfig:
@@ -128,6 +130,7 @@ class LiveGuard:
         self._scales = np.array(sorted(self.family.scales))
         shape = np.array([self.family.shape[layer] for layer in self.layers])
         self._grid = 1.0 - self._scales[:, None] * (1.0 - shape[None, :])  # [scales, exits] thresholds
+        self._grid[self._scales <= 0] = NEVER  # s = 0 is the backbone alone, even for a score of exactly 1.0
         self._recent = np.zeros(len(self._scales))  # recent disagreement of every scale (EWMA)
         self._recent_rate = 1.0 - 0.5 ** (1.0 / self.config.half_life)
         self.scale = float(self.family.scale)
@@ -153,9 +156,17 @@ class LiveGuard:
     def shadow_fraction(self) -> float:
         return self.config.max_shadow if self.alarmed else self.config.base_shadow
 
-    def thresholds(self) -> dict[str, float]:
-        """The thresholds to serve now (the family at the current scale)."""
-        return self.family.thresholds(self.scale)
+    def thresholds(self, scale: float | None = None) -> dict[str, float]:
+        """The thresholds to serve at ``scale`` (default: now): the family's, except at ``s = 0``.
+
+        There the family's thresholds are 1.0, which a max-softmax that rounds to exactly 1.0 in float32
+        still reaches; the guard serves :data:`NEVER` (above any score, and finite for JSON) instead, so
+        ``s = 0`` is the backbone alone, as the issue's last step asks.
+        """
+        scale = self.scale if scale is None else scale
+        if scale <= 0:
+            return dict.fromkeys(self.layers, NEVER)
+        return self.family.thresholds(scale)
 
     def disagrees(self, scale: float, backbone: int, predictions: list[int], scores: list[float]) -> int:
         """1 when the cascade at ``scale`` would have answered a shadow sample differently from the backbone.
@@ -163,7 +174,7 @@ class LiveGuard:
         ``predictions``/``scores``: every family exit's top-1 and score (max-softmax, or gate output) in
         forward order, from a run without shrinking.
         """
-        thresholds = self.family.thresholds(scale)
+        thresholds = self.thresholds(scale)
         for layer, prediction, score in zip(self.layers, predictions, scores):
             if score >= thresholds[layer]:
                 return int(prediction != backbone)

@@ -216,3 +216,51 @@ def test_retrain_if_alarmed_runs_the_job_when_alarmed(setup, tmp_path, capsys):
     assert "alarmed since" in captured.err and "retraining" in captured.err
     out = json.loads(captured.out)
     assert out["published"] is False and "only 0 records" in out["reason"]
+
+
+def test_read_guard_state_keeps_what_the_job_reads(tmp_path):
+    from selfxit.ops.retrain import read_guard_state
+    since = time.time() - 100
+    state = read_guard_state(_guard_state(tmp_path / "guard.json", True, since))
+    assert state["alarmed"] and state["scale"] == 0.84 and state["certified_scale"] == 0.86
+    assert state["tightens"] == 1 and state["first_tighten"] == since and state["bundle_version"] == "v000001"
+    (tmp_path / "torn.json").write_text('{"alarmed": tr')
+    with pytest.raises(ValueError, match="could not be read"):
+        read_guard_state(tmp_path / "torn.json")
+    with pytest.raises(FileNotFoundError):
+        read_guard_state(tmp_path / "missing.json")
+
+
+def test_served_check_runs_the_current_bundle_at_the_guard_scale(setup):
+    """The nightly job reads the guard's last scale: the current bundle is checked there (reported only)."""
+    from selfxit.core.exits import CertifiedFamily
+    from selfxit.ops.retrain import served_check
+    current = selfxit.load(setup["current"], setup["model"])
+    layer = next(iter(current.records))  # a trained head (the others of the setup are near chance)
+    current.family = CertifiedFamily({layer: 0.0}, 1.0, [0.0, 0.5, 1.0], 0.2, 0.1)  # s = 1: threshold 0
+    x = setup["probe"]
+    with torch.no_grad():
+        reference = setup["model"](x).argmax(1)
+    alarmed = {"alarmed": True, "scale": 1.0, "tightens": 2, "bundle_version": None}
+    check, note = served_check(current, alarmed, x, reference)
+    assert check.exit_rates[layer] == pytest.approx(1.0) and check.flops_fraction < 0.5  # every sample exits
+    assert "scale 1 of certified 1.0" in note and "2 alarm(s)" in note
+    assert current.thresholds == {}  # the bundle's own thresholds are put back
+    check, _ = served_check(current, {**alarmed, "scale": 0.0}, x, reference)
+    assert (check.agreement, check.flops_fraction) == (1.0, 1.0)  # s = 0: the backbone alone
+    assert served_check(current, {**alarmed, "alarmed": False}, x, reference) == (None, "")
+    check, note = served_check(current, {**alarmed, "bundle_version": "v000007"}, x, reference)
+    assert check is None and "v000007" in note
+
+
+def test_every_retrain_reads_the_guard_state(setup, tmp_path, capsys):
+    from selfxit.cli import main
+    store = BundleStore(tmp_path / "bundles")
+    state = _guard_state(tmp_path / "guard.json", True, time.time() - 10_000)
+    code = main(["retrain", "--guard-state", str(state), "--log", str(setup["log"]), "--bundle", str(setup["current"]),
+                 "--model", "cifar_resnet20", "--out", str(store.root), "--since", "all", "--min-records", "1000",
+                 "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["guard"]["alarmed"] and out["guard"]["scale"] == 0.84 and out["guard"]["tightens"] == 1
+    assert "only 700 records" in out["reason"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from selfxit.core.exits import CertifiedFamily
-from selfxit.serve.live_guard import BettingTest, GuardConfig, LiveGuard
+from selfxit.serve.live_guard import NEVER, BettingTest, GuardConfig, LiveGuard
 
 T, ALPHA = 0.05, 0.05
 
@@ -64,7 +64,9 @@ def test_guard_tightens_on_drift_then_relaxes_when_it_ends():
     # samples show it, so the alarm goes straight to the loosest safe scale, here 0 (no exit fires)
     assert first.kind == "tighten" and first.from_scale == 1.0 and first.to_scale == 0.0
     assert guard.alarmed and guard.shadow_fraction == 0.3
-    assert guard.scale == 0.0 and guard.thresholds() == {"layer1": 1.0, "layer2": 1.0}
+    assert guard.scale == 0.0 and guard.thresholds() == {"layer1": NEVER, "layer2": NEVER}
+    # s = 0 is the backbone alone: a wrong exit whose max-softmax rounds to exactly 1.0 does not fire there
+    assert guard.disagrees(0.0, 3, [4, 4], [1.0, 1.0]) == 0 and guard.disagrees(1.0, 3, [4, 4], [1.0, 1.0]) == 1
     snap = guard.snapshot()
     assert snap["alarmed"] and snap["scale"] == 0.0 and snap["certified_scale"] == 1.0 and snap["tightened"] == 1
     for _ in range(6000):  # the drift is over: the looser scales agree again
