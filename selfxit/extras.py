@@ -3,7 +3,7 @@
 ``pip install selfxit`` gives wrap, collect, fit, evaluate, save, load and run. The heavy libraries
 come with extras: ``search`` (NNI), ``serve`` (FastAPI, uvicorn, prometheus-client), ``report``
 (matplotlib), ``flops`` (DeepSpeed's FLOP counter, used when a bundle is built; without it torch's
-counter is used) and ``all``.
+counter is used), ``ray`` (Ray Serve replicas and the distributed nightly job) and ``all``.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ EXTRAS = {
     "serve": ("fastapi", "uvicorn", "python_multipart", "prometheus_client"),
     "report": ("matplotlib",),
     "flops": ("deepspeed",),
+    "ray": ("ray", "ray.serve", "ray.data"),
 }
 
 

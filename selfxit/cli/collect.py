@@ -72,6 +72,8 @@ def run_collect(args) -> dict:
     if args.transform:
         chosen = np.random.default_rng(args.seed).choice(n, max(1, round(args.fraction * n)), replace=False)
         shifted = set(chosen.tolist())
+    if args.ray:
+        return _collect_on_ray(args, model, info, dataset, shifted, strength)
 
     counts = {"records": 0, "shifted": 0, "corrupt": 0}
     pending: list = []
@@ -120,6 +122,38 @@ def run_collect(args) -> dict:
     return counts
 
 
+def _ray_encode(path: Path, index: int, root: Path, shifted: frozenset, kind: str | None, seed: int,
+                strength: float | None) -> tuple[bytes, str, dict]:
+    """One image's record bytes, content type and meta on a Ray actor: what the single-process loop logs."""
+    kind = kind if index in shifted else None
+    image_seed = shift_seed(seed, index)
+    encoded, content_type = _encoded_image(path, kind, image_seed, strength)
+    return encoded, content_type, {"file": str(path.relative_to(root)), "shift": kind,
+                                   "shift_seed": image_seed if kind else None}
+
+
+def _collect_on_ray(args, model, info, dataset, shifted: set, strength: float | None) -> dict:
+    """``collect --ray``: the same records, computed by ``--replicas`` backbone actors (selfxit.ops.ray_jobs), each
+    appending to its own shard of the log. Their timestamps interleave across actors; retrain orders by time."""
+    import functools
+
+    import numpy as np
+
+    from selfxit.ops import ray_jobs
+    from selfxit.ops.ray_cluster import connect, shutdown_at_exit
+    if connect(args.address, args.ray_cpus, feature="selfxit collect --ray"):
+        shutdown_at_exit()
+    order = np.random.default_rng(args.seed + 1).permutation(len(dataset.paths)).tolist()
+    encode = functools.partial(_ray_encode, root=dataset.root, shifted=frozenset(shifted), kind=args.transform,
+                               seed=args.seed, strength=strength)
+    counts = ray_jobs.collect_folder(model, info, [(dataset.paths[i], i) for i in order], args.log, encode,
+                                     workers=args.replicas, batch_size=args.batch_size)
+    counts["shifted"] = len(shifted)
+    print(f"collected {counts['records']} records into {args.log} on {args.replicas} Ray actors "
+          f"({len(shifted)} images shifted); {counts['corrupt']} corrupt image(s) skipped")
+    return counts
+
+
 def add_parser(sub) -> None:
     """Register the ``collect`` subcommand on an argparse ``sub`` (subparsers) object."""
     p = sub.add_parser("collect", help="append a folder of images to a traffic log, as if they were requests")
@@ -133,6 +167,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-samples", type=int, help="use a seeded random subset of the images")
     p.add_argument("--seed", type=int, default=0, help="seeds the subset, the shifted share and the noise")
     p.add_argument("--batch-size", type=int, default=64, help="images per backbone run")
+    from selfxit.cli.retrain import add_ray_args
+    add_ray_args(p, "backbone actors logging the images, each to its own shard of the log")
     p.set_defaults(func=run_collect)
 
 

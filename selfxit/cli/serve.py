@@ -22,7 +22,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``serve`` on an argparse subparsers object; ``func`` is :func:`run`."""
     d = ServeConfig()
     p = sub.add_parser("serve", help="serve a bundle over HTTP and WebSocket (micro-batching, hot reload)")
-    p.add_argument("--bundle", required=True, type=Path, help="bundle folder (watched for changes)")
+    p.add_argument("--bundle", required=True, help="bundle folder (watched for changes); with --ray also a bundle "
+                                                   "store (followed through its current version) or an fsspec URL")
     add_model_args(p)
     p.add_argument("--plain", action="store_true", help="serve the plain backbone (exits off), e.g. as a baseline")
     p.add_argument("--host", default=d.host, help="interface to bind (default 127.0.0.1, loopback only)")
@@ -63,15 +64,94 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="shadow fraction while alarmed (default: max(0.2, --shadow-fraction))")
     p.add_argument("--guard-state", help="where the guard's state is written for `selfxit retrain --if-alarmed` "
                                          "(default: LOG/guard.json when --log is a local folder)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; with --ray: 1 per replica)")
+    add_ray_args(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
     return p
 
 
+def add_ray_args(p) -> None:
+    """The ``--ray`` flags (defaults from :class:`selfxit.serve.ray_config.RayServeConfig`, standard library only)."""
+    from selfxit.serve.ray_config import RayServeConfig
+    d = RayServeConfig()
+    g = p.add_argument_group("Ray Serve (--ray; needs pip install 'selfxit[ray]')")
+    g.add_argument("--ray", action="store_true", help="serve with Ray Serve: replicas behind one endpoint, rolling "
+                                                      "bundle updates, monitoring across replicas")
+    g.add_argument("--address", help="Ray cluster to join (HOST:PORT, ray://HOST:PORT or auto); default: start a "
+                                     "local one on 127.0.0.1")
+    g.add_argument("--replicas", type=int, default=d.replicas, help="replicas (fixed count)")
+    g.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas (with --max-replicas)")
+    g.add_argument("--max-replicas", type=int, help="autoscaling: most replicas")
+    g.add_argument("--target-ongoing-requests", type=float, help="autoscaling: requests per replica to aim at")
+    g.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="requests per @serve.batch run")
+    g.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                   help="requests queued beyond this get 503 from Ray Serve")
+    g.add_argument("--replica-cpus", type=float, default=d.replica_cpus, help="CPUs Ray reserves per replica")
+    g.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray started without --address (default: all)")
+    g.add_argument("--version", dest="pin_version", help="serve this version of the bundle store instead of "
+                                                         "following current")
+
+
+def ray_config_from_args(args):
+    """A RayServeConfig from the parsed ``serve --ray`` arguments."""
+    from selfxit.serve.ray_config import RayServeConfig
+    return RayServeConfig(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                          target_ongoing_requests=args.target_ongoing_requests, max_batch_size=args.max_batch_size,
+                          batch_wait_timeout_s=args.max_wait_ms / 1000, max_queued_requests=args.max_queued_requests,
+                          replica_cpus=args.replica_cpus, threads=args.threads or 1,
+                          poll_s=args.reload_poll_s, version=args.pin_version)
+
+
+def run_ray(args, config: ServeConfig) -> None:
+    """``selfxit serve --ray``: deploy on Ray Serve and wait; on Ctrl+C or SIGTERM remove the app (and the local Ray
+    this command started)."""
+    import signal
+    import threading
+
+    from selfxit.ops.ray_cluster import connect
+    ray_config = ray_config_from_args(args)
+    try:
+        ray_config.validate()
+    except ValueError as exc:
+        raise SystemExit(f"selfxit serve --ray: {exc}") from None
+    started = connect(args.address, args.ray_cpus)
+    import ray
+    from ray import serve
+
+    from selfxit.serve.ray_serve import ray_app
+    from selfxit.serve.ray_state import kill_board
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(ray_app(args.bundle, args.model, args.weights, config, ray_config), name=ray_config.app_name,
+                  route_prefix="/")
+        print(f"selfxit serve --ray: {ray_config.replicas if ray_config.min_replicas is None else 'autoscaled'} "
+              f"replicas of {args.bundle} at http://{config.host}:{config.port}/ (Ctrl+C stops)", flush=True)
+        stop.wait()
+    finally:
+        try:
+            serve.delete(ray_config.app_name)
+        finally:
+            kill_board(ray_config.app_name)
+            if started:
+                serve.shutdown()
+                ray.shutdown()
+
+
+def _ladder(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--buckets takes comma-separated batch sizes, e.g. 1,8,32; got {text!r}") \
+            from None
+
+
 def config_from_args(args) -> ServeConfig:
     """A ServeConfig from the parsed ``serve`` arguments."""
-    return ServeConfig(bundle=args.bundle, model=args.model, weights=args.weights, plain=args.plain,
+    return ServeConfig(bundle=Path(args.bundle), model=args.model, weights=args.weights, plain=args.plain,
                        host=args.host, port=args.port, max_wait_ms=args.max_wait_ms, max_batch=args.max_batch,
                        max_microbatch=args.max_microbatch, max_queue_items=args.max_queue_items,
                        max_body_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels,
@@ -100,6 +180,9 @@ def run(args) -> None:
     except ValueError as exc:
         raise SystemExit(f"selfxit serve: {exc}") from None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.ray:
+        run_ray(args, config)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if not is_loopback(config.host):

@@ -78,6 +78,17 @@ def prediction_set(result, quantiles: torch.Tensor) -> list[int]:
     return torch.nonzero(sets[0]).flatten().tolist()
 
 
+def answer_item(result, index: int, exit_names: list[str], t0: float, quantiles: torch.Tensor | None) -> dict:
+    """One item's answer as every front end sends it (class, probability, exit name, latency since ``t0``, and
+    its conformal set when ``quantiles`` are given); the selfxit server and the Ray Serve replicas share it."""
+    item = {"index": index, "class": result.prediction, "probability": round(result.confidence, 6),
+            "exit": "final" if result.exit < 0 else exit_names[result.exit],
+            "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}
+    if quantiles is not None:
+        item["set"] = prediction_set(result, quantiles)
+    return item
+
+
 class TraceGate:
     """Keeps torch.fx tracing apart from every other module call in the process (a readers-writer lock).
 
@@ -271,12 +282,7 @@ class Batcher:
                 job.error = ApiError(422, f"the model's output for item {result.index - starts[k]} is not finite "
                                           "(NaN or infinity): the input is outside what the model can answer")
                 return
-            name = "final" if result.exit < 0 else served.exit_names[result.exit]
-            item = {"index": result.index - starts[k], "class": result.prediction,
-                    "probability": round(result.confidence, 6), "exit": name,
-                    "latency_ms": round((time.perf_counter() - job.t0) * 1000, 3)}
-            if job.quantiles is not None:
-                item["set"] = prediction_set(result, job.quantiles)
+            item = answer_item(result, result.index - starts[k], served.exit_names, job.t0, job.quantiles)
             post(job.loop, self._deliver, job, item, result.exit, served.generation)
 
         self._metrics.microbatch(len(ok), len(x))

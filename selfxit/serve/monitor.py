@@ -160,6 +160,14 @@ class TrafficMonitor:
             total = sum(self.shadow_items.values())
             return (sum(self.shadow_agree.values()) / total, total) if total else None
 
+    def counts(self) -> dict:
+        """The raw counts (items, hits, shadow items and agreements per exit, logged), so that several
+        monitors (Ray Serve replicas) can be summed before rates are taken (see selfxit.serve.ray_state)."""
+        with self._lock:
+            return {"items": self.items, "hits": dict(self.hits), "shadow_items": dict(self.shadow_items),
+                    "shadow_agree": dict(self.shadow_agree), "logged": self.logged,
+                    "logging": self._log is not None, "log_error": self.log_error}
+
     def snapshot(self) -> dict:
         """Everything measured so far, JSON-ready."""
         guarded = self.guard.current if self.guard is not None else None
