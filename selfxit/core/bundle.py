@@ -1,7 +1,8 @@
 """Exit bundles on disk: heads (and gates) as safetensors plus a JSON manifest, written atomically.
 
 Format 2 (written now) keeps one entry per exit in ``manifest["exits"]`` (layer, activation shape, head
-spec, temperature, head FLOPs, threshold or null, gate spec or null) and a typed ``provenance``. Format 1
+spec, temperature, head FLOPs, threshold or null, gate spec or null; ``chain`` for a chained exit of
+:mod:`selfxit.core.cascade`, absent otherwise, so older bundles read unchanged) and a typed ``provenance``. Format 1
 (parallel ``heads``/``exits``/``gates`` sections and a free-form ``meta``) is still read.
 Loading needs only this package's core: never NNI, DeepSpeed or a web framework.
 """
@@ -21,6 +22,8 @@ from torch import nn
 
 from selfxit.core import atomic
 from selfxit.core.candidates import Candidate
+from selfxit.core.cascade import from_config as chained_from_config
+from selfxit.core.cascade import is_chained
 from selfxit.core.conformal import ConformalCalibration
 from selfxit.core.exits import CertifiedFamily, ExitRecord
 from selfxit.core.flops import counter_name
@@ -111,7 +114,8 @@ def save_model(ee, path: str | Path) -> Path:
         "gate": ee.gate,
         "exits": [{"layer": r.layer, "shape": list(r.shape), "spec": r.spec, "temperature": r.temperature,
                    "head_flops": r.head_flops, "threshold": r.threshold,
-                   "gate": r.gate.spec() if r.gate is not None else None} for r in ee.records.values()],
+                   "gate": r.gate.spec() if r.gate is not None else None,
+                   **({"chain": r.head.config()} if is_chained(r.head) else {})} for r in ee.records.values()],
         "conformal": ee.conformal.to_dict() if ee.conformal else None,
         "tolerance": ee.tolerance,
         "certified_family": ee.family.to_dict() if getattr(ee, "family", None) is not None else None,
@@ -154,7 +158,9 @@ def read_model(path: str | Path, model: nn.Module) -> BundleContents:
         name, shape = e["layer"], tuple(e["shape"])
         try:
             spec = concrete_spec(e["spec"], shape)
-            head = build_head(spec, shape, num_classes)
+            head: nn.Module = build_head(spec, shape, num_classes)
+            if e.get("chain") is not None:  # a chained exit (selfxit.core.cascade): the head inside its chain module
+                head = chained_from_config(head, num_classes, e["chain"])
             head.load_state_dict(states[name])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise BundleError(f"bundle {path}: weights of head {name!r} do not match its spec: {exc}") from exc

@@ -25,9 +25,10 @@ from typing import Callable, cast
 import torch
 from torch import nn
 
-from selfxit.core.graph import batch_safe_module
+from selfxit.core.cascade import ChainedHead, is_chained
 from selfxit.core.exactness import invariant_rows
 from selfxit.core.exits import ExitRecord
+from selfxit.core.graph import batch_safe_module
 
 FINAL = -1  # exit index of samples answered by the backbone itself
 
@@ -101,6 +102,7 @@ class _Pass:
         self.all_predictions = torch.empty(exits, batch, dtype=torch.long, device=device) if not shrink else None
         self.all_confidence = torch.empty(exits, batch, device=device) if not shrink else None
         self.previous: torch.Tensor | None = None  # previous exit's probabilities for the running rows (gates)
+        self.chain: torch.Tensor | None = None  # chained heads' own log-softmaxes [k, running rows, C] (cascade)
 
     def answer(self, rows: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, exit_position: int):
         self.logits[rows], self.probabilities[rows], self.exit[rows] = logits, probs, exit_position
@@ -124,7 +126,9 @@ class EarlyExitRunner:
         self._modules = [modules[e.layer] for e in self.exits]
         # the backbone itself, or its traced graph where it reads the batch size before an exit and uses it after
         self._forward = batch_safe_module(backbone, [e.layer for e in self.exits])
-        self._scaled_heads = [_with_temperature(e.head, e.temperature) for e in self.exits]
+        self._scaled_heads = [cast(ChainedHead, e.head).scaled(e.temperature) if is_chained(e.head) else
+                              _with_temperature(e.head, e.temperature) for e in self.exits]
+        self._chained = [is_chained(e.head) for e in self.exits]  # heads that read the chain (core/cascade.py)
         # only gates that read the previous exit need its probabilities carried for the surviving rows
         self._carry_previous = any(getattr(e.gate, "previous", False) for e in self.exits)
         self._pass: _Pass | None = None
@@ -146,7 +150,10 @@ class EarlyExitRunner:
         def hook(module, inputs, output):
             state = self._pass
             running = output if state.real is None else output[:state.real]
-            logits = head(running)  # already divided by the temperature
+            if self._chained[position]:  # reads and extends the chain of the rows still running
+                logits, state.chain = head(running, state.chain)
+            else:
+                logits = head(running)  # already divided by the temperature
             probs = logits.softmax(dim=1)
             previous, state.previous = state.previous, probs  # gates read the previous exit's output
             score = None if gate is None else gate(logits, previous)
@@ -166,6 +173,8 @@ class EarlyExitRunner:
             state.alive = state.alive[keep]
             if self._carry_previous:
                 state.previous = probs[keep]
+            if state.chain is not None:
+                state.chain = state.chain[:, keep]
             if len(state.alive) == 0:
                 raise _AllExited
             survivors = running[keep]

@@ -12,6 +12,8 @@ fields of :class:`~selfxit.fit.distill.DistillConfig` and :class:`~selfxit.fit.g
     near_chance_margin: 0.05 # heads within this of the majority-class rate are discarded (-1: keep all)
     design_factor: 1.5       # the cascade's shape is designed on 'tune' at this multiple of the tolerance
     retrain: false           # retrain heads already trained on this medial dataset
+    cascade: false           # chain the designed exits: cascade connections + ensembles (selfxit.fit.cascade)
+    survivor_rounds: 0       # with cascade: rounds of survivor-aware distillation, designed on 'tune'
     distill: {epochs: 15, batch_size: 256, lr: 0.005, weight_decay: 0.0005, seed: 0}
     gate_config: {lam: inf, hidden: 0, ...}
 
@@ -48,6 +50,8 @@ class FitConfig:
     near_chance_margin: float = 0.05
     design_factor: float = 1.5
     retrain: bool = False
+    cascade: bool = False
+    survivor_rounds: int = 0
     distill: DistillConfig = field(default_factory=DistillConfig)
     gate_config: GateConfig = field(default_factory=GateConfig)
 
@@ -79,6 +83,16 @@ class FitConfig:
                                  f"got {self.design_factor!r}")
         if not isinstance(self.retrain, bool):
             raise FitConfigError(f"retrain must be true or false; got {self.retrain!r}")
+        if not isinstance(self.cascade, bool):
+            raise FitConfigError(f"cascade must be true or false; got {self.cascade!r}")
+        if self.cascade and self.gate != "confidence":
+            raise FitConfigError(f"cascade=true needs gate='confidence' (chained exits answer by max-softmax); "
+                                 f"got gate={self.gate!r}")
+        if isinstance(self.survivor_rounds, bool) or not isinstance(self.survivor_rounds, int) \
+                or not 0 <= self.survivor_rounds <= 10:
+            raise FitConfigError(f"survivor_rounds must be an int in [0, 10]; got {self.survivor_rounds!r}")
+        if self.survivor_rounds and not self.cascade:
+            raise FitConfigError("survivor_rounds > 0 needs cascade=true (the rounds retrain the chain's heads)")
 
     def to_dict(self) -> dict:
         """The config as plain JSON/YAML data (``lam`` = inf is written as the string 'inf')."""

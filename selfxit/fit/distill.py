@@ -110,30 +110,48 @@ def distill_head(head: nn.Sequential, medial: MedialDataset, candidate: str, row
     config = config or DistillConfig()
     if len(rows) == 0:
         raise ValueError(f"no training rows for head at {candidate!r}; collect more traffic")
-    generator = torch.Generator().manual_seed(config.seed)
     stem, body = split_stem(head)
     features = stem_features(stem, medial, candidate, rows, config.memory_mb)
-    teacher = teacher_rows(medial, rows, config.memory_mb)
+    train_body(body, features, teacher_rows(medial, rows, config.memory_mb), config, candidate, progress)
+    head.eval()
+    return head
+
+
+def train_body(body: nn.Module, features, teacher, config: DistillConfig, name: str = "head", progress: bool = True,
+               weights: torch.Tensor | None = None) -> nn.Module:
+    """The distillation loop: ``body(features[batch])`` to ``teacher[batch]`` by KL (AdamW, one-cycle schedule,
+    one seeded permutation per epoch). ``features`` and ``teacher`` index like tensors (:class:`StoredRows`).
+
+    ``weights`` [rows] (e.g. survivor-aware distillation, :mod:`selfxit.fit.cascade`) weight each row's KL;
+    a batch's loss is then ``sum(w * kl) / sum(w)``. Without them every row counts the same ("batchmean").
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    n = len(features)
     optimizer = torch.optim.AdamW(body.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = (len(rows) + config.batch_size - 1) // config.batch_size
+    steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps_per_epoch)
     body.train()
-    bar = tqdm(range(config.epochs), desc=f"distill {candidate}", leave=False, disable=not progress)
+    bar = tqdm(range(config.epochs), desc=f"distill {name}", leave=False, disable=not progress)
     for _ in bar:
-        order = torch.randperm(len(rows), generator=generator)
+        order = torch.randperm(n, generator=generator)
         total = 0.0
-        for start in range(0, len(rows), config.batch_size):
+        for start in range(0, n, config.batch_size):
             batch = order[start:start + config.batch_size]
             log_student = F.log_softmax(body(features[batch]), dim=1)
-            loss = F.kl_div(log_student, teacher[batch], reduction="batchmean")
+            if weights is None:
+                loss = F.kl_div(log_student, teacher[batch], reduction="batchmean")
+            else:
+                w = weights[batch]
+                per_row = F.kl_div(log_student, teacher[batch], reduction="none").sum(1)
+                loss = (w * per_row).sum() / w.sum().clamp_min(1e-12)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
             total += loss.item() * len(batch)
-        bar.set_postfix(kl=f"{total / len(rows):.4f}")
-    head.eval()
-    return head
+        bar.set_postfix(kl=f"{total / n:.4f}")
+    body.eval()
+    return body
 
 
 def head_logits(head: nn.Module, medial: MedialDataset, candidate: str, rows: np.ndarray) -> torch.Tensor:

@@ -19,9 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from selfxit.core.candidates import Candidate
+from selfxit.core.cascade import independent_of
 from selfxit.core.exits import CertifiedFamily, ExitRecord
 from selfxit.core.flops import count_flops
 from selfxit.core.heads import DEFAULT_HEAD, build_head
+from selfxit.fit import cascade as chaining
 from selfxit.fit import conformal, select
 from selfxit.fit import gates as gating
 from selfxit.fit.calibrate import expected_calibration_error, fit_temperature
@@ -71,13 +73,15 @@ def _train_heads(candidates, medial, rows, specs, previous, config: FitConfig, n
     records: dict[str, ExitRecord] = {}
     for cand in tqdm(candidates, desc="heads", disable=not progress):
         old = previous.get(cand.name)
-        if config.retrain or old is None or old.spec != specs[cand.name]:
+        reused = None if config.retrain or old is None or old.spec != specs[cand.name] else independent_of(old.head)
+        head: nn.Module
+        if reused is None:  # (a chained head is never reused as an independent one)
             with seeded(config.distill.seed):  # the caller's global RNG is left as it was
                 head = build_head(specs[cand.name], cand.shape, num_classes)
             _warm(head, (warm_start or {}).get(cand.name))
             distill_head(head, medial, cand.name, rows["train"], config.distill, progress)
         else:
-            head = old.head
+            head = reused
         records[cand.name] = ExitRecord(cand.name, head, spec=specs[cand.name], shape=tuple(cand.shape),
                                         head_flops=count_flops(head, torch.zeros(1, *cand.shape)))
     return records
@@ -141,6 +145,18 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
     if config.gate == "learned":  # the paper's rule and 'joint' could drop exits whose output a later gate reads
         results = {"certified": results["certified"]}
     thresholds, level = results[config.method]
+    if config.cascade:  # chain the designed exits (cascade connections, ensembles, survivor rounds) and redo
+        members = chaining.chain_members(layers, thresholds, cert.shape if cert is not None else None)
+        if members:
+            chain = chaining.fit_chain(records, members, {c.name: c.remaining_flops for c in kept}, medial, rows,
+                                       top1, config, num_classes, backbone_flops, progress)
+            records.update({r.layer: r for r in chain.records})
+            layers, stacked, stats = members, chain.log_probs, chain.stats
+            results, cert = choose_thresholds(stats, config)
+            thresholds, level = results[config.method]
+            thresholds = chaining.with_pass_through(thresholds)
+            if cert is not None and cert.shape is not None:
+                cert.shape = chaining.with_pass_through(cert.shape)
     for k, name in enumerate(layers):
         records[name].threshold = float(thresholds[k]) if np.isfinite(thresholds[k]) else None
     baselines = {m: {s: summary(stats[s], th, layers) for s in ("val", "test") if len(rows[s])}

@@ -325,10 +325,18 @@ def certified_cascade(design: ExitStats, certify_stats: ExitStats, tolerance: fl
     ``certify_stats`` (which must not have been used for anything else)."""
     if design.num_exits == 0:
         return certify([], certify_stats, tolerance, delta)
-    off = np.full(design.num_exits, OFF)
-    loose = tolerance * design_factor
-    starts = [best_subset(design, loose, max_exits), off]
-    shape = best_within(joint_path(design, starts, max_exits=max_exits), loose).thresholds
+    shape = design_shape(design, tolerance, max_exits, design_factor)
     result = certify(scaled_path(design, shape), certify_stats, tolerance, delta, scales=SCALES)
     result.shape = shape
     return result
+
+
+def design_shape(design: ExitStats, tolerance: float, max_exits: int | None = None,
+                 design_factor: float = 1.5) -> np.ndarray:
+    """The cascade's shape (thresholds, OFF for unused exits) designed on ``design`` alone by the joint optimizer
+    at ``design_factor`` x ``tolerance``: what the certified family scales, and what survivor-aware
+    distillation (:mod:`selfxit.fit.cascade`) routes the train samples by."""
+    off = np.full(design.num_exits, OFF)
+    loose = tolerance * design_factor
+    starts = [best_subset(design, loose, max_exits), off]
+    return best_within(joint_path(design, starts, max_exits=max_exits), loose).thresholds

@@ -1,0 +1,194 @@
+"""More savings at the same tolerance (issue 14): today's default against cascaded, ensembled and
+survivor-aware heads on the shared ResNet-56, certified, measured on the held-back test split.
+
+    .venv/bin/python benchmarks/savings.py [--work DIR] [--seeds 0] [--max-samples 5000]
+                                           [--pieces default,cascade,survivor,all] [--drift] [--json OUT]
+
+The medial dataset is recorded once per (seed, sample count) with selfxit's own ``collect`` and kept
+under ``--work`` (``medial-s<seed>-n<count>``), so reruns skip it. For each piece and tolerance (1%, 5%)
+it prints flops_fraction, agreement, ground-truth accuracy, the latency ratios at batch 1 and 32
+(early exit / plain backbone, measured in the same run) and the wall time of the fit (plus, once,
+the recording: ``enable`` = collect + fit).
+
+Pieces (all opt-in ``FitConfig`` fields; see ``selfxit/fit/cascade.py``):
+
+- ``default``: today's ``FitConfig()``;
+- ``cascade``: ``FitConfig(cascade=True)``: Zero Time Waste's cascade connections and geometric
+  ensembles on the exits of the default design;
+- ``survivor``: ``cascade=True, survivor_rounds=2``: the chain's heads re-weighted toward the train
+  samples that reach them, alternated with the cascade design on *tune*;
+- ``all``: both (the same as ``survivor``, which includes the cascade).
+
+``--drift`` (part B of the issue, measurement only): fine-tunes a copy of the backbone by KL to the
+original on the train images (frozen BatchNorm statistics, L2-SP, final KL weighted high) and reports
+how often the copy's final answer agrees with the original's on the test split: the drift that a mixed
+regime's final exit would start from, before any exit fires.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("NNI_FRAMEWORK", "none")
+
+import selfxit  # noqa: E402
+from selfxit.evaluate.evaluation import evaluate  # noqa: E402
+from selfxit.fit.config import FitConfig  # noqa: E402
+from selfxit.fit.medial import MedialDataset  # noqa: E402
+from selfxit.zoo import load_backbone  # noqa: E402
+from selfxit.zoo.data import ImageFolderData, default_traffic_dir, split_indices  # noqa: E402
+
+PIECES = {
+    "default": {},
+    "cascade": {"cascade": True},
+    "survivor": {"cascade": True, "survivor_rounds": 2},
+}
+PIECES["all"] = dict(PIECES["survivor"])
+TARGETS = {0.01: 0.80, 0.05: 0.64}  # issue 14, frozen regime: tolerance -> flops_fraction
+
+
+def medial_for(ee, traffic, seed: int, work: Path) -> tuple[MedialDataset, float]:
+    """The medial dataset of ``traffic`` for ``seed``, recorded once into ``work`` (seconds spent recording)."""
+    folder = work / f"medial-s{seed}-n{len(traffic)}"
+    if (folder / "complete").is_file():
+        medial = MedialDataset(folder)
+        if medial.candidates != [c.name for c in ee.candidates]:
+            raise SystemExit(f"{folder} holds candidates {medial.candidates}; delete it to record again")
+        ee.medial = medial
+        return medial, float((folder / "complete").read_text())
+    shutil.rmtree(folder, ignore_errors=True)
+    start = time.perf_counter()
+    loader = torch.utils.data.DataLoader(traffic, batch_size=256)
+    medial = ee.collect(loader, out_dir=folder, seed=seed, progress=False)
+    seconds = time.perf_counter() - start
+    (folder / "complete").write_text(f"{seconds:.1f}")
+    return medial, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/selfxit-savings"))
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--max-samples", type=int, default=5000)
+    parser.add_argument("--tolerances", default="0.01,0.05")
+    parser.add_argument("--pieces", default="default,cascade,survivor")
+    parser.add_argument("--latency-samples", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--record-only", action="store_true", help="record the medial datasets and stop")
+    parser.add_argument("--drift", action="store_true", help="also measure part B's drift of a fine-tuned copy")
+    parser.add_argument("--drift-epochs", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pieces = [p for p in args.pieces.split(",") if p]
+    unknown = sorted(set(pieces) - set(PIECES))
+    if unknown:
+        raise SystemExit(f"--pieces: unknown {unknown}; choose from {sorted(PIECES)}")
+    tolerances = [float(t) for t in args.tolerances.split(",")]
+    args.work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"max_samples": args.max_samples, "seeds": {}}
+    model, info = load_backbone("cifar_resnet56")
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        traffic = ImageFolderData(default_traffic_dir(), info, max_samples=args.max_samples, seed=seed)
+        ee = selfxit.wrap(model, torch.zeros(1, *info.input_size))
+        medial, record_s = medial_for(ee, traffic, seed, args.work)
+        print(f"seed {seed}: {len(traffic)} images, medial recorded in {record_s:.0f} s", flush=True)
+        if args.record_only:
+            continue
+        test = torch.utils.data.Subset(traffic, split_indices(len(traffic), seed)["test"].tolist())
+        test_loader = torch.utils.data.DataLoader(test, batch_size=64)
+        runs = results["seeds"].setdefault(str(seed), {"record_seconds": record_s})
+        base: list = []  # the independent heads of the first fit, reused by every piece (as enable would train them)
+        for piece in pieces:
+            for tolerance in tolerances:
+                if base:
+                    ee.set_records(base)
+                start = time.perf_counter()
+                report = ee.fit(tolerance, config=FitConfig(**PIECES[piece]), progress=False)
+                fit_s = time.perf_counter() - start
+                if not base:
+                    base = [dataclasses.replace(r, threshold=None) for r in ee.records.values()]
+                    runs["heads_seconds"] = fit_s  # training the independent heads, counted once in enable
+                result = evaluate(ee, test_loader, latency_samples=args.latency_samples, progress=False)
+                row = {"flops_fraction": result.flops_fraction, "agreement": result.agreement,
+                       "accuracy": result.accuracy_early_exit, "accuracy_backbone": result.accuracy_backbone,
+                       "latency_b1": result.latency_ratio_b1, "latency_b32": result.latency_ratio_b32,
+                       "fit_seconds": fit_s, "exits": {k: v for k, v in result.exit_rates.items()},
+                       "test_recorded": asdict(report.chosen_test) if report.chosen_test else None}
+                row["per_exit"] = per_exit(ee, test_loader, tolerance)
+                runs[f"{piece}@{tolerance:g}"] = row
+                print(f"  {piece:<9} T={tolerance:<5g} flops {row['flops_fraction']:.3f}  agreement "
+                      f"{row['agreement']:.4f}  accuracy {row['accuracy']:.3f} (backbone "
+                      f"{row['accuracy_backbone']:.3f})  latency b1 {row['latency_b1']:.3f} b32 "
+                      f"{row['latency_b32']:.3f}  fit {fit_s:.0f} s  exits "
+                      f"{ {k: round(v, 3) for k, v in row['exits'].items() if v} }", flush=True)
+                print("            per exit (test, hindsight cover at T): " + ", ".join(
+                    f"{k} agree {v['agreement']:.3f} cover {v['cover']:.3f}" for k, v in row["per_exit"].items()))
+        if args.drift and seed == int(args.seeds.split(",")[0]):  # part B on the first seed only (it is costly)
+            from drift_copy import measure_drift  # benchmarks/drift_copy.py
+
+            layers = [k for k in runs.get("default@0.01", {}).get("exits", {}) if k != "final"] or ["layer2", "layer3"]
+            runs["drift"] = measure_drift(model, traffic, seed, layers, epochs=args.drift_epochs)
+    _summary(results, pieces, tolerances)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=float))
+
+
+def per_exit(ee, loader, tolerance: float) -> dict:
+    """Each active exit's agreement with the backbone on the test split and its hindsight coverage at
+    ``tolerance`` (most confident first, as ``benchmarks/head_ceiling.py``): what the heads themselves allow,
+    whatever the thresholds. One no-shrink pass, so every exit sees every sample."""
+    from head_ceiling import hindsight_coverage  # benchmarks/head_ceiling.py
+
+    preds, confs, tops = [], [], []
+    with torch.inference_mode():
+        for batch in loader:
+            x = batch[0]
+            out = ee(x, shrink=False)
+            if out.exit_predictions is None:
+                return {}
+            preds.append(out.exit_predictions)
+            confs.append(out.exit_confidence)
+            tops.append(ee.backbone(x).argmax(1))
+    if not preds or not len(preds[0]):
+        return {}
+    pred, conf, top = torch.cat(preds, 1), torch.cat(confs, 1), torch.cat(tops)
+    agree = (pred == top[None]).numpy()
+    return {layer: {"agreement": float(agree[k].mean()),
+                    "cover": hindsight_coverage(conf[k].numpy(), agree[k], tolerance)}
+            for k, layer in enumerate(ee.thresholds)}
+
+
+def _summary(results: dict, pieces: list[str], tolerances: list[float]) -> None:
+    """Mean over the seeds run of each piece and tolerance, against the issue's targets."""
+    seeds = results["seeds"]
+    if not seeds:
+        return
+    print(f"\nmean of {len(seeds)} seed(s):")
+    for piece in pieces:
+        for tol in tolerances:
+            rows = [s[f"{piece}@{tol:g}"] for s in seeds.values() if f"{piece}@{tol:g}" in s]
+            if not rows:
+                continue
+            mean = {k: float(np.mean([r[k] for r in rows])) for k in
+                    ("flops_fraction", "agreement", "accuracy", "latency_b1", "latency_b32", "fit_seconds")}
+            target = TARGETS.get(tol)
+            met = target is not None and mean["flops_fraction"] <= target and mean["agreement"] >= 1 - tol
+            print(f"  {piece:<9} T={tol:<5g} flops {mean['flops_fraction']:.3f} agreement {mean['agreement']:.4f} "
+                  f"accuracy {mean['accuracy']:.3f} latency b1/b32 {mean['latency_b1']:.3f}/{mean['latency_b32']:.3f} "
+                  f"fit {mean['fit_seconds']:.0f} s  target flops <= {target}: {'met' if met else 'not met'}")
+
+
+if __name__ == "__main__":
+    main()
