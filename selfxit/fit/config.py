@@ -10,7 +10,8 @@ fields of :class:`~selfxit.fit.distill.DistillConfig` and :class:`~selfxit.fit.g
     gate: confidence         # confidence | learned
     heads: null              # one head spec for every layer, or {layer: spec}; null: the default head
     near_chance_margin: 0.05 # heads within this of the majority-class rate are discarded (-1: keep all)
-    design_factor: 1.5       # the cascade's shape is designed on 'tune' at this multiple of the tolerance
+    design_factor: [1.0, 1.25, 1.5, 2.0]  # the shape is designed on 'tune' at these multiples of the tolerance
+                             # (the one that certifies cheapest on 'tune' is kept; one number: that one only)
     retrain: false           # retrain heads already trained on this medial dataset
     cascade: false           # chain the designed exits: cascade connections + ensembles (selfxit.fit.cascade)
     survivor_rounds: 0       # with cascade: rounds of survivor-aware distillation, designed on 'tune'
@@ -29,6 +30,7 @@ from typing import Any
 
 from selfxit.fit.distill import DistillConfig
 from selfxit.fit.gates import GATES, GateConfig
+from selfxit.fit.select import DESIGN_FACTORS
 
 METHODS = ("certified", "joint", "paper")
 
@@ -48,7 +50,7 @@ class FitConfig:
     gate: str = "confidence"
     heads: dict | None = None
     near_chance_margin: float = 0.05
-    design_factor: float = 1.5
+    design_factor: float | tuple[float, ...] = DESIGN_FACTORS
     retrain: bool = False
     cascade: bool = False
     survivor_rounds: int = 0
@@ -78,9 +80,7 @@ class FitConfig:
         if not isinstance(self.near_chance_margin, (int, float)) or not -1 <= self.near_chance_margin < 1:
             raise FitConfigError(f"near_chance_margin must be in [-1, 1) (-1 keeps every head); "
                                  f"got {self.near_chance_margin!r}")
-        if not isinstance(self.design_factor, (int, float)) or self.design_factor < 1:
-            raise FitConfigError(f"design_factor must be >= 1 (the shape is designed at design_factor x tolerance); "
-                                 f"got {self.design_factor!r}")
+        self.design_factor = _design_factor(self.design_factor)
         if not isinstance(self.retrain, bool):
             raise FitConfigError(f"retrain must be true or false; got {self.retrain!r}")
         if not isinstance(self.cascade, bool):
@@ -97,6 +97,8 @@ class FitConfig:
     def to_dict(self) -> dict:
         """The config as plain JSON/YAML data (``lam`` = inf is written as the string 'inf')."""
         out = asdict(self)
+        if isinstance(out["design_factor"], tuple):
+            out["design_factor"] = list(out["design_factor"])
         lam = out["gate_config"]["lam"]
         out["gate_config"]["lam"] = "inf" if math.isinf(lam) else lam
         return out
@@ -142,6 +144,19 @@ class FitConfig:
             raise FitConfigError(f"unknown fit settings {unknown}; allowed: {sorted(data)}")
         data.update(changes)
         return type(self)(**data)
+
+
+def _design_factor(value: Any) -> float | tuple[float, ...]:
+    """A number >= 1, or a non-empty list of them (kept as a tuple)."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 1
+
+    if ok(value):
+        return float(value)
+    if isinstance(value, (list, tuple)) and value and all(ok(v) for v in value):
+        return tuple(float(v) for v in value)
+    raise FitConfigError(f"design_factor must be a number >= 1 or a non-empty list of them (the shape is designed "
+                         f"at design_factor x tolerance); got {value!r}")
 
 
 def _nested(cls, raw: dict, key: str):

@@ -19,6 +19,7 @@ _LAZY = {
     "NullTrafficLogger": "selfxit.serve.config",
     "MonitorConfig": "selfxit.serve.monitor",
     "TrafficMonitor": "selfxit.serve.monitor",
+    "ray_app": "selfxit.serve.ray_serve",  # needs selfxit[ray]
 }
 
 __all__ = list(_LAZY)

@@ -361,6 +361,12 @@ def ray_app(bundle_store: str | Path, model: Any, weights: str | Path | None = N
     ray_config = ray_config or RayServeConfig()
     config.validate()
     ray_config.validate()
+    try:  # here, before any replica tries (and Ray Serve retries) to start on a bundle nobody can read
+        BundleSource(bundle_store).digest(ray_config.version)
+    except Exception as exc:
+        raise ValueError(f"cannot read a bundle at {bundle_store}"
+                         f"{f' version {ray_config.version}' if ray_config.version else ''}: "
+                         f"{type(exc).__name__}: {exc}") from None
     get_board(ray_config.app_name, create=True)
     target = model if isinstance(model, str) else (model, info)
     deployment = EarlyExitReplica.options(name="selfxit", **ray_config.deployment_options())

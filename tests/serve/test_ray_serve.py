@@ -245,3 +245,11 @@ def test_ray_config_refuses_bad_settings():
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 2,
                                              "target_ongoing_requests": 3}
     assert "num_replicas" not in options and options["max_ongoing_requests"] >= 8
+    from selfxit.serve.ray_serve import EarlyExitReplica
+    EarlyExitReplica.options(name="selfxit", **options)  # Ray Serve validates the options here
+
+
+def test_unreadable_bundle_is_refused_before_deploying(tmp_path):
+    from selfxit.serve.ray_serve import ray_app
+    with pytest.raises(ValueError, match="cannot read a bundle"):
+        ray_app(tmp_path / "nothing", "cifar_resnet20")
