@@ -63,6 +63,10 @@ def test_fit_config_round_trips_through_yaml(tmp_path):
     path.write_text(yaml.safe_dump(config.to_dict()))
     assert FitConfig.from_file(path) == config
     assert FitConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    several = FitConfig(design_factor=[1, 1.5])  # a list of factors: kept as a tuple, written as a list
+    assert several.design_factor == (1.0, 1.5)
+    path.write_text(yaml.safe_dump(several.to_dict()))
+    assert FitConfig.from_file(path) == several
 
 
 @pytest.mark.parametrize("raw, match", [
@@ -72,7 +76,10 @@ def test_fit_config_round_trips_through_yaml(tmp_path):
     ({"gate": "learned", "method": "joint"}, "needs method='certified'"),
     ({"distill": {"epochs": 0}}, "distill"),
     ({"gate_config": {"colour": 1}}, "gate_config: unknown keys"),
-    ({"design_factor": 0.5}, "design_factor must be >= 1"),
+    ({"design_factor": 0.5}, "design_factor must be a number >= 1"),
+    ({"design_factor": []}, "non-empty list"),
+    ({"design_factor": [1.0, 0.9]}, "design_factor must be a number >= 1"),
+    ({"design_factor": True}, "design_factor must be a number >= 1"),
 ])
 def test_fit_config_names_the_bad_key(raw, match):
     with pytest.raises(FitConfigError, match=match):

@@ -174,17 +174,6 @@ def train_chain(log_probs: torch.Tensor, backbone_top1: torch.Tensor, costs: np.
     return gates
 
 
-def design_shape(design: optimize.ExitStats, tolerance: float, max_exits: int | None,
-                 design_factor: float = 1.5) -> np.ndarray:
-    """The cascade shape :func:`selfxit.fit.select.certified_cascade` designs on ``design`` (same steps)."""
-    off = np.full(design.num_exits, optimize.OFF)
-    if design.num_exits == 0:
-        return off
-    loose = tolerance * design_factor
-    starts = [optimize.best_subset(design, loose, max_exits), off]
-    return optimize.best_within(optimize.joint_path(design, starts, max_exits=max_exits), loose).thresholds
-
-
 @dataclass
 class GateFit:
     """The chain of exits the gates were fitted for (indices into the exits given) and its gates."""
@@ -210,7 +199,7 @@ class GateFit:
 
 def fit_gates(log_probs: torch.Tensor, backbone_top1: torch.Tensor, head_flops, remaining_flops, total_flops: float,
               tolerance: float, max_exits: int | None = 3, config: GateConfig | None = None,
-              design_factor: float = 1.5) -> GateFit:
+              design_factor: float | tuple[float, ...] = optimize.DESIGN_FACTORS) -> GateFit:
     """Train gates on the design samples and find the chain of exits they are used on.
 
     ``log_probs`` [K, N, C]: calibrated log-probabilities of every kept exit on the design samples.
@@ -229,7 +218,7 @@ def fit_gates(log_probs: torch.Tensor, backbone_top1: torch.Tensor, head_flops, 
         fit = GateFit(list(chain), gates, round_, history)
         if not chain:
             return fit
-        shape = design_shape(fit.stats(log_probs, backbone_top1, head_flops, remaining_flops, total_flops),
+        shape = optimize.design_shape(fit.stats(log_probs, backbone_top1, head_flops, remaining_flops, total_flops),
                              tolerance, max_exits, design_factor)
         active = [chain[k] for k in np.flatnonzero(np.isfinite(shape))]
         if active == chain:
@@ -295,7 +284,7 @@ def fit_with_heads(log_probs: dict[str, torch.Tensor], top1: dict[str, torch.Ten
                    heads: dict[str, nn.Sequential], temperatures: dict[str, float], medial: MedialDataset,
                    rows: dict[str, np.ndarray], head_flops, remaining_flops, total_flops: float, tolerance: float,
                    max_exits: int | None, config: GateConfig, progress: bool = True,
-                   design_factor: float = 1.5) -> GateFit:
+                   design_factor: float | tuple[float, ...] = optimize.DESIGN_FACTORS) -> GateFit:
     """:func:`fit_gates` on the 'tune' split, alternated ``config.head_rounds`` times with :func:`specialise_heads`
     on the 'train' split; specialised heads get a new temperature (on 'tune') and their rows of
     ``log_probs[split]`` [K, N, C] are refreshed. ``heads``, ``temperatures`` and ``log_probs`` change in place.

@@ -439,3 +439,22 @@ def test_certified_cascade_scaled_family_is_monotone_and_safe():
     assert np.isfinite(result.chosen.thresholds).sum() <= 2
     assert result.chosen.drop <= 0.05 and result.chosen.flops_fraction < 1.0
     assert o.evaluate_cascade(held, result.chosen.thresholds).drop <= 0.05 + 0.02
+
+
+def test_design_keeps_the_factor_whose_family_certifies_cheapest_on_the_design_samples():
+    """With several design factors the kept shape is the one whose scaled family, tested on the design samples
+    themselves, accepts the cheapest point; a single factor is the joint optimizer's shape at that factor."""
+    from selfxit.fit.select import SCALES, certify, design_shape, scaled_path
+
+    rng = np.random.default_rng(3)
+    n, k = 1500, 4
+    confidence = rng.uniform(0.2, 1.0, (k, n))
+    agree = rng.uniform(size=(k, n)) < confidence ** (2 - 0.3 * np.arange(k))[:, None]
+    stats = ExitStats(confidence, agree, np.full(k, 1e4), np.array([9e5, 7e5, 5e5, 3e5]), 1e6)
+    factors = (1.0, 1.5, 2.0, 3.0)
+    flops = {f: certify(scaled_path(stats, design_shape(stats, 0.05, 3, f)), stats, 0.05, 0.1,
+                        scales=SCALES).chosen.flops_fraction for f in factors}
+    chosen = design_shape(stats, 0.05, 3, factors)
+    got = certify(scaled_path(stats, chosen), stats, 0.05, 0.1, scales=SCALES).chosen.flops_fraction
+    assert got == pytest.approx(min(flops.values()))
+    assert np.array_equal(design_shape(stats, 0.05, 3, (1.5,)), design_shape(stats, 0.05, 3, 1.5))
