@@ -340,10 +340,12 @@ class EarlyExitReplica:
         return {"reloaded": True, "bundle": state}
 
     def __del__(self):
-        try:
-            self.monitor.close()
-        except Exception:
-            pass
+        """Ray Serve's graceful shutdown of a replica (scale-down, redeploy): leave the board, flush the log."""
+        for step in (lambda: self.board.drop.remote(self.replica), self.monitor.close):
+            try:
+                step()
+            except Exception:
+                pass
 
 
 def ray_app(bundle_store: str | Path, model: Any, weights: str | Path | None = None,

@@ -156,6 +156,36 @@ def test_publish_under_load_fails_no_request(cluster, bench):
 
 
 @pytest.mark.slow
+def test_user_config_pins_a_version_under_load(cluster, bench):
+    """Redeploying with a version pinned in user_config (then following current again) under 8 clients: Ray Serve
+    rolls the replicas (serve.run gives no code version, so Serve starts new ones and drains the old), each loads
+    the pinned version in reconfigure, and no request fails."""
+    from ray import serve
+
+    from selfxit.serve.config import ServeConfig
+    from selfxit.serve.ray_config import RayServeConfig
+    from selfxit.serve.ray_serve import ray_app
+
+    def deploy(version):
+        serve.run(ray_app(cluster["store"].root, "cifar_resnet20", config=ServeConfig(shadow_fraction=0.5, max_batch=8),
+                          ray_config=RayServeConfig(replicas=2, replica_cpus=0.5, poll_s=0.5, version=version)),
+                  name="selfxit", route_prefix="/")
+
+    current = cluster["store"].current()
+    with bench.Load(f"{cluster['base']}/v1/predict", cluster["files"], 8) as load:
+        time.sleep(2)
+        deploy("v000001")
+        pinned = bench.wait_versions(cluster["base"], "v000001", 2)
+        deploy(None)
+        following = bench.wait_versions(cluster["base"], current, 2)
+    out = load.summary()
+    print("pin and unpin under load:", out)
+    assert set(pinned["versions"].values()) == {"v000001"} and pinned["bundle"]["pinned"] == "v000001", pinned
+    assert set(following["versions"].values()) == {current} and following["bundle"]["pinned"] is None, following
+    assert out["failed"] == 0 and out["versions"].get("v000001", 0) > 0, out
+
+
+@pytest.mark.slow
 def test_bundle_that_fails_to_load_is_refused_and_old_one_serves(cluster):
     """A version for another backbone publishes (the store only checks it is a bundle) but every replica refuses
     it: /healthz says degraded, the old version keeps answering."""
