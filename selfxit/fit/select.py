@@ -350,15 +350,11 @@ def design_shape(design: ExitStats, tolerance: float, max_exits: int | None = No
     if design.num_exits == 0:
         return off
     factors = (float(design_factor),) if isinstance(design_factor, (int, float)) else tuple(design_factor)
-    best: tuple[float, np.ndarray] | None = None
-    for factor in factors:
-        loose = tolerance * factor
-        starts = [best_subset(design, loose, max_exits), off]
-        shape = best_within(joint_path(design, starts, max_exits=max_exits), loose).thresholds
-        if len(factors) == 1:
-            return shape
-        flops = certify(scaled_path(design, shape), design, tolerance, delta, scales=SCALES).chosen.flops_fraction
-        if best is None or flops < best[0] - 1e-12:
-            best = (flops, shape)
-    assert best is not None
-    return best[1]
+    starts = [best_subset(design, tolerance * f, max_exits) for f in factors] + [off]
+    path = joint_path(design, starts, max_exits=max_exits)  # one path serves every factor
+    shapes = [best_within(path, tolerance * f).thresholds for f in factors]
+    if len(shapes) == 1:
+        return shapes[0]
+    flops = [certify(scaled_path(design, shape), design, tolerance, delta, scales=SCALES).chosen.flops_fraction
+             for shape in shapes]
+    return shapes[int(np.argmin(flops))]
