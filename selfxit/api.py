@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from selfxit.core import bundle as bundle_format
+from selfxit.core.bucketed import RuntimeConfig
 from selfxit.core.candidates import Candidate, find_candidates
+from selfxit.core.engine import Engine, run_hooks_or_buckets
 from selfxit.core.exits import CertifiedFamily, ExitRecord
 from selfxit.core.flops import count_flops
 from selfxit.core.provenance import Provenance
@@ -49,6 +51,7 @@ class EarlyExitModel:
         self.family: CertifiedFamily | None = None  # the certified thresholds' family (method 'certified')
         self.provenance = Provenance()  # how the bundle was built (model name, data split...), saved with it
         self._runner: EarlyExitRunner | None = None
+        self._engine = Engine()  # runtime setting (hooks by default) and its bucketed runners
 
     # ---- recording -----------------------------------------------------------------------------
     def collect(self, data, out_dir: str | Path | None = None, seed: int = 0, augment_copies: int = 2,
@@ -197,12 +200,69 @@ class EarlyExitModel:
         """
         self.check_input(x)
         quantiles = None if prediction_sets is None else self.set_quantiles(prediction_sets)
-        if self._runner is None:
-            self._runner = EarlyExitRunner(self.backbone, self.exits, self.num_classes)
-        out = self._runner(x, callback=callback, shrink=shrink)
+        device = self.device
+        if x.device != device:  # inputs come from the host; a model moved with to(device) takes them there
+            x = x.to(device)
+        out = run_hooks_or_buckets(self._engine, self._hook_runner, self.backbone, lambda: self.exits,
+                                   self.num_classes, x, callback, shrink)
         if quantiles is not None:
             out.prediction_sets = conformal.prediction_sets(out.probabilities, out.exit, out.predictions, quantiles)
         return out
+
+    def _hook_runner(self) -> EarlyExitRunner:
+        if self._runner is None:
+            self._runner = EarlyExitRunner(self.backbone, self.exits, self.num_classes)
+        return self._runner
+
+    # ---- runtime: hooks (default, bit-exact on CPU) or bucketed stages (compiled / CUDA graphs) ------------
+    @property
+    def runtime(self) -> RuntimeConfig:
+        """How calls run (:class:`~selfxit.core.bucketed.RuntimeConfig`); set it to switch, e.g.
+        ``ee.runtime = RuntimeConfig(engine="buckets", compile="cudagraph", max_batch=128)``."""
+        return self._engine.config
+
+    @runtime.setter
+    def runtime(self, config: RuntimeConfig) -> None:
+        self._engine = Engine(config)  # validated here: a bad ladder is refused before any batch
+
+    def warm(self, plain: bool = False) -> list[int]:
+        """Compile / capture every bucket of the bucketed runtime now (``plain``: the backbone baseline too);
+        returns the warm buckets ([] on the hook runtime, which has nothing to warm)."""
+        example = torch.zeros(1, *self.input_shape, device=self.device)
+        return self._engine.warm(self.backbone, self.exits, self.num_classes, example, plain)
+
+    @property
+    def warm_buckets(self) -> list[int]:
+        return self._engine.warm_buckets
+
+    def no_fire(self):
+        """``run(x)`` with every threshold above reach on this model's runtime: the no-fire worst case."""
+        return self._engine.no_fire(self.backbone, self.exits, self.num_classes)
+
+    def plain(self):
+        """``run(x) -> logits``: the backbone run the way this model runs (bucketed: same buckets, same
+        compiling), the baseline latency ratios are measured against."""
+        return self._engine.plain(self.backbone, self.num_classes)
+
+    @property
+    def device(self) -> torch.device:
+        first = next(iter(self.backbone.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    def to(self, device) -> "EarlyExitModel":
+        """Move the backbone, heads and gates to ``device`` (runners are rebuilt there); says why it cannot."""
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"cannot move the model to {device}: no CUDA device here "
+                               f"(torch {torch.__version__}, torch.cuda.is_available() is False)")
+        self.backbone.to(device)
+        for r in self.records.values():
+            r.head.to(device)
+            if r.gate is not None:
+                r.gate.to(device)
+        self._runner = None
+        self._engine.forget()
+        return self
 
     def set_quantiles(self, alpha: float) -> torch.Tensor:
         """[active exits] conformal quantiles at ``alpha``; ValueError when there is no calibration for it."""

@@ -22,7 +22,28 @@ def add_parser(sub) -> None:
     p.add_argument("--max-samples", type=int, help="default: what enable used (from the bundle)")
     p.add_argument("--seed", type=int, help="default: what enable used (from the bundle)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_runtime_args(p)
     p.set_defaults(func=run)
+
+
+def add_runtime_args(p) -> None:
+    """--engine / --compile / --max-batch: which runtime the early-exit model (and its baseline) runs on."""
+    p.add_argument("--engine", choices=["hooks", "buckets"], default="hooks",
+                   help="hooks: the exact default runtime; buckets: stages at a ladder of batch sizes")
+    p.add_argument("--compile", choices=["off", "heads", "all", "reduce-overhead", "cudagraph"], default="off",
+                   help="with --engine buckets: what torch.compile (or CUDA graphs) covers")
+    p.add_argument("--max-batch", type=int, default=64, help="with --engine buckets: the largest bucket")
+
+
+def apply_runtime_args(ee, args) -> None:
+    """Set the runtime --engine / --compile / --max-batch ask for (refused, naming the flag, when invalid)."""
+    from selfxit.core.bucketed import RuntimeConfig
+    if getattr(args, "engine", "hooks") == "hooks" and getattr(args, "compile", "off") == "off":
+        return
+    try:
+        ee.runtime = RuntimeConfig(engine=args.engine, compile=args.compile, max_batch=args.max_batch)
+    except ValueError as exc:
+        raise SystemExit(f"selfxit evaluate: --engine/--compile/--max-batch: {exc}") from None
 
 
 def run(args) -> None:
@@ -65,6 +86,7 @@ def evaluate_bundle(args):
     from selfxit.cli.enable import loader
     from selfxit.evaluate.evaluation import evaluate
     ee, dataset, seed, _ = load_for_evaluation(args)
+    apply_runtime_args(ee, args)
     return ee, evaluate(ee, loader(split_subset(dataset, args.split, seed), 64))
 
 
@@ -95,3 +117,6 @@ def print_table(ee, result, file=None) -> None:
     if result.latency_ratio_b1 is not None:
         print(f"latency ratio (early-exit / backbone, CPU): batch 1 {result.latency_ratio_b1:.3f}   "
               f"batch 32 {result.latency_ratio_b32:.3f}   (backbone {result.backbone_ms_b1:.1f} ms at batch 1)", file=file)
+    if result.latency_ratio_nofire_b1 is not None:
+        print(f"no exit fires (worst case):                  batch 1 {result.latency_ratio_nofire_b1:.3f}   "
+              f"batch 32 {_number(result.latency_ratio_nofire_b32)}", file=file)

@@ -64,6 +64,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="shadow fraction while alarmed (default: max(0.2, --shadow-fraction))")
     p.add_argument("--guard-state", help="where the guard's state is written for `selfxit retrain --if-alarmed` "
                                          "(default: LOG/guard.json when --log is a local folder)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=d.device, help="where the model runs")
+    p.add_argument("--engine", choices=["hooks", "buckets"], default=d.engine,
+                   help="runtime: hooks (exact on CPU) or buckets (micro-batches padded to a ladder of batch sizes, "
+                        "every bucket warmed before ready; default on --device cuda)")
+    p.add_argument("--compile", choices=["off", "heads", "all", "reduce-overhead", "cudagraph"], default=d.compile,
+                   help="bucketed runtime: torch.compile scope, or CUDA graphs per bucket")
+    p.add_argument("--buckets", type=_ladder, default=d.buckets,
+                   help="bucket ladder, e.g. 1,8,32,128 (default: powers of two up to --max-microbatch)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; with --ray: 1 per replica)")
     add_ray_args(p)
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -161,7 +169,9 @@ def config_from_args(args) -> ServeConfig:
                        trusted_network=args.trusted_network, docs=args.docs,
                        reload_poll_s=args.reload_poll_s, log=args.log, log_fraction=args.log_fraction,
                        shadow_fraction=args.shadow_fraction, guard=args.guard, guard_alpha=args.guard_alpha,
-                       guard_max_shadow=args.guard_max_shadow, guard_state=args.guard_state)
+                       guard_max_shadow=args.guard_max_shadow, guard_state=args.guard_state,
+                       device=getattr(args, "device", "cpu"), engine=getattr(args, "engine", None),
+                       compile=getattr(args, "compile", "off"), buckets=getattr(args, "buckets", None))
 
 
 def run(args) -> None:
@@ -177,8 +187,11 @@ def run(args) -> None:
     config = config_from_args(args)
     try:
         config.validate()  # before a model is loaded for nothing
+        runtime = config.runtime()  # a ladder that does not cover --max-microbatch is refused here
     except ValueError as exc:
         raise SystemExit(f"selfxit serve: {exc}") from None
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("selfxit serve: --device cuda, but no CUDA device is available here")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.ray:
         run_ray(args, config)
@@ -191,7 +204,8 @@ def run(args) -> None:
     backbone, info = load_backbone(args)
     from selfxit.serve.guarding import GuardRefused
     try:
-        app = create_app(BundleLoader.from_backbone(args.bundle, backbone, info, plain=args.plain), config)
+        app = create_app(BundleLoader.from_backbone(args.bundle, backbone, info, plain=args.plain, runtime=runtime,
+                                                    device=config.device), config)
     except GuardRefused as exc:
         raise SystemExit(f"selfxit serve: --guard refused for {args.bundle}: {exc}") from None
     serve_app(app, config, log_level=args.log_level)

@@ -28,6 +28,9 @@ class Evaluation:
     latency_ratio_b32: float | None
     backbone_ms_b1: float | None
     tolerance: float | None
+    # every threshold above reach (every exit runs, none fires) over the backbone, timed in the same run
+    latency_ratio_nofire_b1: float | None = None
+    latency_ratio_nofire_b32: float | None = None
 
 
 def cost_per_exit(ee) -> np.ndarray:
@@ -47,12 +50,27 @@ def cost_per_exit(ee) -> np.ndarray:
 def _latency_ratio(ee, inputs: torch.Tensor, batch_size: int, max_batches: int) -> tuple[float, float]:
     """(early-exit / backbone wall time, backbone ms per batch) on consecutive batches of ``inputs``,
     timed by :func:`selfxit.core.latency.alternate` (the same timer as the report's)."""
+    ratio, _, backbone_ms = _latency_ratios(ee, inputs, batch_size, max_batches)
+    return ratio, backbone_ms
+
+
+def _latency_ratios(ee, inputs: torch.Tensor, batch_size: int, max_batches: int) -> tuple[float, float | None, float]:
+    """(early-exit / backbone, no-fire / backbone, backbone ms per batch), the three timed in one
+    :func:`~selfxit.core.latency.alternate` run. The backbone is run the way the model runs (``ee.plain()``:
+    on the bucketed runtime, padded to the same buckets and compiled the same way); the no-fire run
+    (``ee.no_fire()``) has every threshold above reach. Models without those (tests) time the bare backbone."""
     batches = [inputs[i:i + batch_size] for i in range(0, len(inputs) - batch_size + 1, batch_size)][:max_batches]
     if not batches:
-        return float("nan"), float("nan")
-    timings = alternate({"backbone": lambda x, _cb: ee.backbone(x), "early_exit": lambda x, _cb: ee(x)}, batches)
+        return float("nan"), None, float("nan")
+    backbone = ee.plain() if hasattr(ee, "plain") else ee.backbone
+    runs = {"backbone": lambda x, _cb: backbone(x), "early_exit": lambda x, _cb: ee(x)}
+    if hasattr(ee, "no_fire"):
+        no_fire = ee.no_fire()
+        runs["no_fire"] = lambda x, _cb: no_fire(x)
+    timings = alternate(runs, batches)
     plain = timings["backbone"].total
-    return timings["early_exit"].total / plain, 1000 * plain / len(batches)
+    worst = timings["no_fire"].total / plain if "no_fire" in timings else None
+    return timings["early_exit"].total / plain, worst, 1000 * plain / len(batches)
 
 
 def evaluate(ee, loader, latency: bool = True, latency_samples: int = 256, progress: bool = True,
@@ -108,6 +126,7 @@ def evaluate(ee, loader, latency: bool = True, latency_samples: int = 256, progr
         latency_ratio_b1=None, latency_ratio_b32=None, backbone_ms_b1=None, tolerance=ee.tolerance)
     if latency:
         inputs = torch.cat(kept_inputs)
-        result.latency_ratio_b1, result.backbone_ms_b1 = _latency_ratio(ee, inputs, 1, latency_samples)
-        result.latency_ratio_b32, _ = _latency_ratio(ee, inputs, 32, 8)
+        result.latency_ratio_b1, result.latency_ratio_nofire_b1, result.backbone_ms_b1 = _latency_ratios(
+            ee, inputs, 1, latency_samples)
+        result.latency_ratio_b32, result.latency_ratio_nofire_b32, _ = _latency_ratios(ee, inputs, 32, 8)
     return result

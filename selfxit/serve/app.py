@@ -91,7 +91,7 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect  # noqa: E4
 from fastapi.responses import Response  # noqa: E402
 
 from selfxit.serve import requests as rq
-from selfxit.serve.batching import Batcher, Job, TraceGate, warm_up
+from selfxit.serve.batching import Batcher, Job, TraceGate, runtime_status, warm_up
 from selfxit.serve.config import (
     NullTrafficLogger,
     ServeConfig,
@@ -330,7 +330,7 @@ class _Service:
         return {"status": "degraded" if self.reloader.degraded else "ok", "plain": self.config.plain,
                 "bundle": self.reloader.served.describe, "last_reload": self.reloader.last_reload,
                 "queue_items": self.batcher.pending_items, "uptime_s": round(time.time() - self.started, 1),
-                "monitor": self.monitor.snapshot(),
+                "monitor": self.monitor.snapshot(), "runtime": runtime_status(self.reloader.served.ee),
                 **({"guard": self.guard.snapshot()} if self.guard is not None else {})}
 
     async def monitor_view(self):

@@ -144,6 +144,25 @@ def warm_up(ee, gate: TraceGate) -> None:
     then costs no tracing, and a bundle that cannot run is refused at load)."""
     with gate.exclusive(), torch.inference_mode():
         ee(torch.zeros(1, *ee.input_shape))
+        if hasattr(ee, "warm"):
+            ee.warm()  # the bucketed runtime compiles / captures every bucket before the bundle serves
+
+
+def runtime_status(ee) -> dict:
+    """What /healthz says about the runtime: engine, compile mode, device, the ladder and the buckets warmed."""
+    runtime = getattr(ee, "runtime", None)
+    if runtime is None:
+        return {}
+    return {"engine": runtime.engine, "compile": runtime.compile, "device": str(ee.device),
+            "buckets": list(runtime.buckets or ()) if runtime.engine == "buckets" else [],
+            "warm_buckets": ee.warm_buckets}
+
+
+def _on_host(output):
+    """``output`` with its tensors on the CPU (the monitor and the traffic log read them as numbers)."""
+    import dataclasses
+    return dataclasses.replace(output, **{f.name: getattr(output, f.name).cpu() for f in dataclasses.fields(output)
+                                          if isinstance(getattr(output, f.name), torch.Tensor)})
 
 
 # deliver(job, item, exit_position, generation), called on the job's loop for each answered item
@@ -300,7 +319,9 @@ class Batcher:
             for job in ok:
                 encoded.extend(job.encoded if job.encoded else [None] * len(job.x))
             try:
-                self._monitor.observe(x, output, served.exit_names, ee.backbone, served.version, encoded, ee=ee)
+                on_device = getattr(ee, "device", x.device)
+                backbone = ee.backbone if on_device == x.device else (lambda b: ee.backbone(b.to(on_device)).cpu())
+                self._monitor.observe(x, _on_host(output), served.exit_names, backbone, served.version, encoded, ee=ee)
             except Exception:
                 log.exception("traffic monitor failed (ignored)")
             guard = getattr(self._monitor, "guard", None)

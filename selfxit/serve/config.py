@@ -49,6 +49,24 @@ class ServeConfig:
     guard_alpha: float = 0.05  # the guard's false-alarm probability over the whole run
     guard_max_shadow: float | None = None  # shadow fraction while alarmed; None: max(0.2, shadow_fraction)
     guard_state: str | None = None  # guard.json path; None: LOG/guard.json when the log is a local folder
+    device: str = "cpu"  # where the model runs: cpu or cuda
+    engine: str | None = None  # runtime: hooks or buckets; None: buckets on cuda, hooks on cpu
+    compile: str = "off"  # bucketed runtime: off, heads, all, reduce-overhead, cudagraph (see selfxit.core.fused)
+    buckets: tuple[int, ...] | None = None  # bucket ladder; None: powers of two up to max_microbatch
+
+    def runtime(self):
+        """The :class:`~selfxit.core.bucketed.RuntimeConfig` served with (None: the hook runtime). Imports torch;
+        ValueError naming the flag for a ladder that does not cover ``max_microbatch`` or a bad setting."""
+        engine = self.engine or ("buckets" if self.device == "cuda" else "hooks")
+        if engine == "hooks" and self.compile == "off" and self.buckets is None:
+            return None
+        from selfxit.core.bucketed import RuntimeConfig
+        try:
+            return RuntimeConfig(engine=engine, compile=self.compile, max_batch=self.max_microbatch,
+                                 buckets=self.buckets).validate()
+        except ValueError as exc:
+            raise ValueError(f"--engine/--compile/--buckets (with --max-microbatch {self.max_microbatch}): {exc}") \
+                from None
 
     @property
     def guard_max_shadow_fraction(self) -> float:
@@ -72,6 +90,9 @@ class ServeConfig:
                 raise ValueError(f"{name} must be a positive number; got {value}")
         if self.guard:
             self.validate_guard()
+        if self.device not in ("cpu", "cuda") or self.engine not in (None, "hooks", "buckets"):
+            raise ValueError(f"--device must be cpu or cuda and --engine hooks or buckets; got {self.device!r}, "
+                             f"{self.engine!r}")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ValueError("admin_token must be at least 16 characters (a guessable token protects nothing)")
         if not is_loopback(self.host) and not self.admin_token and not self.trusted_network:

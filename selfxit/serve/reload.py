@@ -35,20 +35,28 @@ class BundleLoader:
         self._set(bundle, backbone, info, plain)
 
     @classmethod
-    def from_backbone(cls, bundle: str | Path, backbone, info=None, plain: bool = False) -> BundleLoader:
-        """A loader for a backbone already loaded (e.g. by the command line's --model/--weights)."""
+    def from_backbone(cls, bundle: str | Path, backbone, info=None, plain: bool = False, runtime=None,
+                      device: str = "cpu") -> BundleLoader:
+        """A loader for a backbone already loaded (e.g. by the command line's --model/--weights); ``runtime``
+        (a RuntimeConfig, None: the hook runtime) and ``device`` are applied to every bundle it loads."""
         loader = cls.__new__(cls)
         loader._set(bundle, backbone, info, plain)
+        loader.runtime, loader.device = runtime, device
         return loader
 
     def _set(self, bundle, backbone, info, plain: bool) -> None:
         self.bundle, self.plain, self.backbone, self.info = Path(bundle), plain, backbone, info
+        self.runtime, self.device = None, "cpu"
 
     def __call__(self):
         import selfxit
         ee = selfxit.load(self.bundle, self.backbone)
         if self.plain:
             ee.thresholds = {}
+        if self.device != "cpu":
+            ee.to(self.device)
+        if self.runtime is not None:
+            ee.runtime = self.runtime  # plain too: the backbone baseline runs bucketed the same way
         return ee
 
 

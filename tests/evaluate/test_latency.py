@@ -38,3 +38,26 @@ def test_evaluate_ratio_uses_the_shared_timer():
     ratio, backbone_ms = _latency_ratio(Model(), torch.zeros(8, 2), 2, 3)
     assert 0 < ratio < 1 and backbone_ms > 0
     assert np.isnan(_latency_ratio(Model(), torch.zeros(1, 2), 2, 3)[0])  # no full batch: nothing timed
+
+
+def test_evaluate_times_the_no_fire_pass_against_the_same_runtime_backbone():
+    """Models with ``no_fire`` and ``plain`` (EarlyExitModel) get the worst case measured in the same run, and
+    the baseline is the backbone run their way."""
+    calls = []
+
+    class Model:
+        backbone = staticmethod(lambda x: calls.append("eager"))
+
+        def __call__(self, x):
+            return sum(range(2_000))
+
+        def plain(self):
+            return lambda x: (calls.append("plain"), sum(range(20_000)))
+
+        def no_fire(self):
+            return lambda x: sum(range(40_000))
+
+    from selfxit.evaluate.evaluation import _latency_ratios
+    ratio, worst, backbone_ms = _latency_ratios(Model(), torch.zeros(8, 2), 2, 3)
+    assert 0 < ratio < 1 < worst and backbone_ms > 0
+    assert "eager" not in calls and calls.count("plain") == 4  # warm-up + 3 batches, never the bare backbone
