@@ -88,6 +88,9 @@ def main() -> None:
     parser.add_argument("--record-only", action="store_true", help="record the medial datasets and stop")
     parser.add_argument("--drift", action="store_true", help="also measure part B's drift of a fine-tuned copy")
     parser.add_argument("--drift-epochs", type=int, default=2)
+    parser.add_argument("--drift-images", type=int, default=3000, help="train images the copy is fine-tuned on")
+    parser.add_argument("--drift-layers", default="", help="exit layers of the drift heads (default: the default "
+                                                              "piece's exits at 1%%)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -138,8 +141,12 @@ def main() -> None:
         if args.drift and seed == int(args.seeds.split(",")[0]):  # part B on the first seed only (it is costly)
             from drift_copy import measure_drift  # benchmarks/drift_copy.py
 
-            layers = [k for k in runs.get("default@0.01", {}).get("exits", {}) if k != "final"] or ["layer2", "layer3"]
-            runs["drift"] = measure_drift(model, traffic, seed, layers, epochs=args.drift_epochs)
+            layers = [k for k in args.drift_layers.split(",") if k] or \
+                [k for k in runs.get("default@0.01", {}).get("exits", {}) if k != "final"]
+            if not layers:
+                raise SystemExit("--drift needs the default piece at 1% (its exits are the heads) or --drift-layers")
+            runs["drift"] = measure_drift(model, traffic, seed, layers, epochs=args.drift_epochs,
+                                          max_train=args.drift_images)
     _summary(results, pieces, tolerances)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=float))

@@ -133,3 +133,16 @@ def independent_of(head: nn.Module) -> nn.Module | None:
     if isinstance(head, ChainedHead):
         return getattr(head, "_independent", [None])[0]
     return head
+
+
+def head_outputs(heads: list[nn.Module], activations: list[torch.Tensor]) -> torch.Tensor:
+    """[K, B, C] raw logits of every head on its full activation, in forward order, carrying the chain through
+    the chained ones (what a no-shrink pass gives; the report records every trained head this way)."""
+    chain, out = None, []
+    for head, x in zip(heads, activations):
+        if is_chained(head):
+            logits, chain = head(x, chain)
+        else:
+            logits = head(x)
+        out.append(logits)
+    return torch.stack(out)

@@ -116,3 +116,15 @@ def test_refit_without_cascade_reuses_the_independent_heads(chained):
         assert all(ee.records[n].head is independent[n] for n in ee.records if n in independent)
     finally:
         ee.set_records(list(chained_records.values()))
+
+
+def test_report_records_chained_heads_as_the_runtime_runs_them(chained):
+    ee, _, _, images, _ = chained
+    from selfxit.evaluate.report.compute import record
+
+    layers = list(ee.heads)
+    data = record(ee, [images], layers, pool_size=4, progress=False)
+    full = ee(images, shrink=False)
+    for k, name in enumerate(ee.thresholds):  # the calibrated confidence of each active exit, as the runtime has it
+        row = layers.index(name)
+        assert np.allclose(data["conf_cal"][row], full.exit_confidence[k].numpy(), atol=1e-5)

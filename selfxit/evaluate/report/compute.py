@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from selfxit.core.cascade import head_outputs
 from selfxit.core.hooks import capture, split_batch
 from selfxit.core.runtime import FINAL
 from selfxit.evaluate.evaluation import cost_per_exit
@@ -49,7 +50,7 @@ def record(ee, loader, layers: list[str], pool_size: int, progress: bool) -> dic
             with capture(ee.backbone, layers) as acts:
                 reference = ee.backbone(x).argmax(1)
             out = ee(x)  # after the capture: its hooks must not see the runtime's shrunk batches
-            logits = torch.stack([ee.heads[name](acts[name]) for name in layers]) if layers \
+            logits = head_outputs([ee.heads[n] for n in layers], [acts[n] for n in layers]) if layers \
                 else torch.zeros(0, len(x), ee.num_classes)  # [K, B, C]
             raw = logits.softmax(2).max(2)
             rec["head_pred"].append(raw.indices.numpy())
