@@ -221,7 +221,7 @@ class _Service:
         self.metrics.request("predict")
         rid = request_id(request.scope) or self.lifecycle.next_id()
         try:
-            x, encoded, sets_alpha = await self._predict_input(request)
+            x, encoded, sets_alpha = await rq.predict_input(request, self.limits, self.decode, self.check_alpha)
             self.check_batch(x)
             items: list[dict] = []
             job = await self.answer(x, "predict", t0, items.append, rid, encoded, sets_alpha)
@@ -230,21 +230,6 @@ class _Service:
             raise
         items.sort(key=lambda item: item["index"])
         return {"request_id": rid, "bundle": job.generation, "items": items}
-
-    async def _predict_input(self, request: Request):
-        """(tensor, encoded images or None, prediction-set alpha or None) of a predict request."""
-        ctype = rq.check_body_type(rq.content_type(request.headers.get("content-type")))
-        sets_alpha = rq.sets_alpha(request.query_params.get("sets"), "query parameter 'sets'")
-        self.check_alpha(sets_alpha)  # even when the body overrides it: a bad query is refused, not ignored
-        body = await rq.read_body(request, self.limits.max_body_bytes, self.limits.read_timeout_s)
-        if ctype == "multipart/form-data":
-            x, encoded = await self.decode(await rq.multipart_images(request, body, self.limits.max_batch))
-            return x, encoded, sets_alpha
-        if ctype in rq.RAW_IMAGE_TYPES:  # one image as the whole body: no form to parse
-            x, encoded = await self.decode(rq.raw_image(body, ctype))
-            return x, encoded, sets_alpha
-        x, body_sets = await asyncio.to_thread(rq.parse_json_body, body, self.limits.max_batch)
-        return x, None, body_sets if body_sets is not None else sets_alpha
 
     # ---- WebSocket /v1/stream -----------------------------------------------------------------------
     async def stream(self, websocket: WebSocket):

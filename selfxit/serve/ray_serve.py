@@ -44,7 +44,6 @@ from fastapi.responses import Response  # noqa: E402
 from ray import serve  # noqa: E402
 
 from selfxit.serve import requests as rq  # noqa: E402
-from selfxit.serve.app import _Service  # noqa: E402
 from selfxit.serve.batching import TraceGate, warm_up  # noqa: E402
 from selfxit.serve.config import ServeConfig  # noqa: E402
 from selfxit.serve.guard import Lifecycle, RequestGuard, SafeJSONResponse, add_error_handlers  # noqa: E402
@@ -229,7 +228,7 @@ class EarlyExitReplica:
         with self.gate.shared():
             return rq.decode_images(blobs, self.transform, self.limits.max_image_pixels, self.limits.max_request_pixels)
 
-    # what selfxit serve's request reader (_Service._predict_input) calls on the front end it reads for
+    # the decoder selfxit serve's request reader (requests.predict_input) is handed
     async def decode(self, blobs: list[tuple[str, bytes]]):
         x = await asyncio.to_thread(self._decode, blobs)
         return x, [(data, rq.image_type(data)) for _, data in blobs]
@@ -248,7 +247,7 @@ class EarlyExitReplica:
         self.metrics.request("predict")
         rid = (request.scope.get("state") or {}).get("request_id")
         try:  # the body is read by selfxit serve's own code, so the two front ends cannot drift apart
-            x, encoded, alpha = await _Service._predict_input(self, request)
+            x, encoded, alpha = await rq.predict_input(request, self.limits, self.decode, self.check_alpha)
             items = await self.answer(RayJob(x, t0, encoded, alpha), "predict")
         except ApiError as exc:
             self.metrics.error("predict", exc.status)

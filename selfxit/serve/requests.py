@@ -281,6 +281,29 @@ def check_batch(x: torch.Tensor, max_batch: int, ee) -> None:
         raise ApiError(400, str(exc)) from exc
 
 
+async def predict_input(request: Request, limits: RequestLimits,
+                        decode: Callable[[list[tuple[str, bytes]]], Any],
+                        check_alpha: Callable[[float | None], None]) -> tuple[torch.Tensor, Any, float | None]:
+    """(tensor, encoded images or None, prediction-set alpha or None) of a ``POST /v1/predict`` request.
+
+    Every front end (``selfxit serve``, the Ray Serve deployment) reads a predict body with this, so their
+    limits and 4xx answers cannot drift apart. ``decode`` is the front end's awaitable image decoder
+    (blobs -> (tensor, encoded)); ``check_alpha`` refuses an alpha its bundle was not calibrated for.
+    """
+    ctype = check_body_type(content_type(request.headers.get("content-type")))
+    alpha = sets_alpha(request.query_params.get("sets"), "query parameter 'sets'")
+    check_alpha(alpha)  # even when the body overrides it: a bad query is refused, not ignored
+    body = await read_body(request, limits.max_body_bytes, limits.read_timeout_s)
+    if ctype == "multipart/form-data":
+        x, encoded = await decode(await multipart_images(request, body, limits.max_batch))
+        return x, encoded, alpha
+    if ctype in RAW_IMAGE_TYPES:  # one image as the whole body: no form to parse
+        x, encoded = await decode(raw_image(body, ctype))
+        return x, encoded, alpha
+    x, body_sets = await asyncio.to_thread(parse_json_body, body, limits.max_batch)
+    return x, None, body_sets if body_sets is not None else alpha
+
+
 async def read_body(request: Request, max_body_bytes: int, timeout_s: float | None = None) -> bytes:
     """The whole body, refused (413) as soon as it is known to exceed the limit (declared or streamed).
 
