@@ -68,8 +68,9 @@ def _warm(head: nn.Module, warm: nn.Module | None) -> None:
         pass  # the spec changed since the warm head was trained: start fresh
 
 
-def _train_heads(candidates, medial, rows, specs, previous, config: FitConfig, num_classes, warm_start, progress):
-    """A trained head record per candidate (reusing ``previous`` ones with the same spec unless retrain)."""
+def train_heads(candidates, medial, rows, specs, previous, config: FitConfig, num_classes, warm_start, progress):
+    """A trained head record per candidate (reusing ``previous`` ones with the same spec unless retrain): the
+    one head-training step of a fit, also run per layer as a Ray task by :mod:`selfxit.ops.ray_jobs`."""
     records: dict[str, ExitRecord] = {}
     for cand in tqdm(candidates, desc="heads", disable=not progress):
         old = previous.get(cand.name)
@@ -97,7 +98,7 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
     majority = float(np.bincount(top1["tune"], minlength=num_classes).max()) / max(len(rows["tune"]), 1)
     specs = head_specs(candidates, config.heads, previous)
     medial.check_heads(specs)  # every head's input was stored, before any training
-    trained = _train_heads(candidates, medial, rows, specs, previous, config, num_classes, warm_start, progress)
+    trained = train_heads(candidates, medial, rows, specs, previous, config, num_classes, warm_start, progress)
 
     reports, kept = [], []
     log_probs: dict[str, list] = {s: [] for s in SCORED}  # calibrated log-softmax of each kept head

@@ -11,7 +11,7 @@ else (reading the window, the hold-out, validation, the publish rule, the bundle
   augmented copies start from the state the single-process recorder's generator has at that batch
   (:func:`augment_states`), so the dataset is the single-process one, row for row, whichever actor recorded what.
 - :func:`train_heads`: one Ray task per candidate layer, each running the single-process head training
-  (:func:`selfxit.fit.procedure._train_heads`) on that layer alone; the fit then reuses those heads.
+  (:func:`selfxit.fit.procedure.train_heads`) on that layer alone; the fit then reuses those heads.
 - :func:`collect_folder`: ``selfxit collect --ray``: Ray Data reads an image folder's files, backbone actors
   compute the softmax and append the records to the traffic log, each actor to its own shard.
 
@@ -125,11 +125,11 @@ def _train_one(location: str, candidate, spec: dict, distill, num_classes: int, 
     """One candidate's head, trained exactly as the single-process fit trains it (a Ray task)."""
     from selfxit.fit.config import FitConfig
     from selfxit.fit.medial import SPLITS, MedialDataset
-    from selfxit.fit.procedure import _train_heads
+    from selfxit.fit.procedure import train_heads
     torch.set_num_threads(threads)
     medial = MedialDataset(location)
     rows = {name: medial.indices(name) for name in SPLITS}
-    records = _train_heads([candidate], medial, rows, {candidate.name: spec}, {}, FitConfig(distill=distill),
+    records = train_heads([candidate], medial, rows, {candidate.name: spec}, {}, FitConfig(distill=distill),
                            num_classes, {candidate.name: warm} if warm is not None else None, False)
     return records[candidate.name]
 
