@@ -15,6 +15,7 @@ bucket (torch.compile costs 7-30 s per step and shape on a 2-core machine).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,7 +31,7 @@ os.environ.setdefault("NNI_FRAMEWORK", "none")
 
 import selfxit  # noqa: E402
 from selfxit.core.bucketed import RuntimeConfig  # noqa: E402
-from selfxit.core.engine import Engine  # noqa: E402
+from selfxit.core.engine import NEVER, Engine  # noqa: E402
 from selfxit.core.latency import alternate  # noqa: E402
 from selfxit.evaluate.evaluation import evaluate  # noqa: E402
 from selfxit.settings import shared_dir  # noqa: E402
@@ -83,6 +84,34 @@ def time_runtimes(ee, inputs: torch.Tensor, batch: int, modes: list[str], sample
     return out
 
 
+def head_cost(ee, inputs: torch.Tensor, spec: dict, samples: int) -> dict:
+    """The no-fire pass at batch 1 with the bundle's heads and with untrained heads of ``spec`` at the same
+    layers (timing only: what the heads' size costs when no exit fires), and the bundle's heads run after the
+    backbone on its captured activations (no runtime at all), in one alternated run."""
+    from selfxit.core.heads import build_head
+    from selfxit.core.hooks import capture
+    from selfxit.core.runtime import EarlyExitRunner, _with_temperature
+    torch.manual_seed(0)
+    small = [dataclasses.replace(e, head=build_head(spec, e.shape, ee.num_classes).eval(), temperature=1.0,
+                                 threshold=NEVER) for e in ee.exits]
+    bundle_heads = Engine().no_fire(ee.backbone, ee.exits, ee.num_classes)
+    spec_heads = EarlyExitRunner(ee.backbone, small, ee.num_classes)
+    scaled = [(e.layer, _with_temperature(e.head, e.temperature)) for e in ee.exits]
+
+    def heads_after(x, _cb):
+        with capture(ee.backbone, [layer for layer, _ in scaled]) as outputs:
+            ee.backbone(x)
+        for layer, head in scaled:
+            float(head(outputs[layer]).softmax(dim=1).max())
+
+    runs = {"backbone": lambda x, _cb: ee.backbone(x), "nofire_bundle_heads": lambda x, _cb: bundle_heads(x),
+            "nofire_spec_heads": lambda x, _cb: spec_heads(x), "bundle_heads_after_backbone": heads_after}
+    timings = alternate(runs, [inputs[i:i + 1] for i in range(min(samples, len(inputs)))])
+    params = {name: sum(p.numel() for e in exits for p in e.head.parameters())
+              for name, exits in (("bundle", ee.exits), ("spec", small))}
+    return {"spec": spec, "head_params": params, **{k: _ratios(timings, k, "backbone") for k in list(runs)[1:]}}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", required=True)
@@ -92,6 +121,9 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=300, help="images timed at batch 1")
     p.add_argument("--modes", default="off,heads,all", help="bucketed runtimes timed at batch 1 (compile modes)")
     p.add_argument("--b32-modes", default="off", help="bucketed runtimes timed at batch 32 ('' for none)")
+    p.add_argument("--compare-head", type=json.loads,
+                   help='a head spec, e.g. \'{"kind": "pool_mlp", "pool": 2, "hidden": [64]}\': also time the no-fire '
+                        "pass with untrained heads of that spec at the same layers")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -108,6 +140,8 @@ def main(argv=None) -> dict:
            "exit_rates": result.exit_rates,
            "b1": time_runtimes(ee, inputs, 1, [m for m in args.modes.split(",") if m], args.samples)}
     out["b32"] = time_runtimes(ee, inputs, 32, [m for m in args.b32_modes.split(",") if m], 32 * 10)
+    if args.compare_head:
+        out["head_cost"] = head_cost(ee, inputs, args.compare_head, args.samples)
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -54,6 +55,7 @@ class Server:
             cmd += ["--weights", str(args.weights)]
         if plain:
             cmd.append("--plain")
+        cmd += shlex.split(args.serve_args)  # the same runtime for both, e.g. --device cuda --compile cudagraph
         self.log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would stall the server
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "NNI_FRAMEWORK": "none"},
                                      stdout=self.log, stderr=subprocess.STDOUT)
@@ -164,6 +166,9 @@ def main() -> None:
     p.add_argument("--max-queue-wait-ms", type=float, default=60_000,
                    help="the servers' admission deadline (default 60 s: off, so capacity is measured, not shed; "
                         "503s would count as errors)")
+    p.add_argument("--serve-args", default="",
+                   help="more `serve` arguments for both servers, e.g. '--device cuda --compile cudagraph' (the "
+                        "bucketed runtime: the plain backbone is then padded and captured the same way)")
     p.add_argument("--json", action="store_true", help="also print the raw figures as JSON")
     args = p.parse_args()
     if args.requests < 1 or args.max_seconds <= 0:
