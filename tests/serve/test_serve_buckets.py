@@ -84,13 +84,17 @@ def test_the_hook_runtime_reports_no_buckets(quick_bundle):
     assert health["runtime"]["engine"] == "hooks" and health["runtime"]["warm_buckets"] == []
 
 
-def test_a_ladder_that_does_not_cover_the_microbatch_is_refused_at_start_up(tmp_path):
+def test_a_ladder_that_does_not_cover_the_microbatch_is_refused_at_start_up():
     with pytest.raises(ValueError, match="does not cover the maximum batch 64"):
         ServeConfig(max_microbatch=64, engine="buckets", buckets=(1, 8, 32)).runtime()
     assert ServeConfig().runtime() is None  # cpu default: the exact hook runtime
     assert ServeConfig(device="cuda").runtime().engine == "buckets"
     with pytest.raises(ValueError, match="--device must be cpu or cuda"):
         ServeConfig(device="tpu").validate()
+
+
+@pytest.mark.slow
+def test_the_command_line_refuses_that_ladder_before_loading_a_model(tmp_path):
     cmd = [sys.executable, "-m", "selfxit", "serve", "--bundle", str(tmp_path), "--model", "cifar_resnet20",
            "--engine", "buckets", "--buckets", "1,8,32", "--max-microbatch", "64"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "NNI_FRAMEWORK": "none"})
