@@ -24,7 +24,7 @@ def test_unstable_everywhere_warns_and_keeps_two_rows():
     def forward(x):  # other bits at every call
         return x.flatten(1)[:, :1] + next(calls) * 1e-6
 
-    with pytest.warns(RuntimeWarning, match="change with the batch size"):
+    with pytest.warns(RuntimeWarning, match="change in their last bits with the batch size"):
         assert invariant_rows(forward, torch.zeros(1, 2), limit=4) == 2
 
 
