@@ -101,8 +101,12 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
     trained = train_heads(candidates, medial, rows, specs, previous, config, num_classes, warm_start, progress)
 
     reports, kept = [], []
-    log_probs: dict[str, list] = {s: [] for s in SCORED}  # calibrated log-softmax of each kept head
-    probs: dict[str, list] = {s: [] for s in SCORED}  # calibrated softmax (confidence and agreement)
+    # Per kept head and split: the calibrated log-softmax [N, C] where a later step reads it (conformal sets on
+    # tune and test; learned gates on every split), and only the max-softmax and top-1 [N] otherwise, so the
+    # memory of a fit grows by a few bytes per 'val' row and class count, not by heads x classes floats.
+    logged = set(SCORED) if config.gate == "learned" else {"tune", "test"}
+    log_probs: dict[str, list] = {s: [] for s in SCORED}
+    scores: dict[str, list] = {s: [] for s in SCORED}  # (confidence, top-1) of each kept head
     for cand in candidates:
         record = trained[cand.name]
         logits = {s: head_logits(record.head, medial, cand.name, rows[s]) for s in SCORED}
@@ -117,12 +121,15 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
         if keep:
             kept.append(cand)
             for s in SCORED:
-                log_probs[s].append((logits[s] / record.temperature).log_softmax(1))
-                probs[s].append((logits[s] / record.temperature).softmax(1))
+                p = (logits[s] / record.temperature).softmax(1)
+                scores[s].append((p.max(1).values, p.argmax(1)))
+                if s in logged:
+                    log_probs[s].append((logits[s] / record.temperature).log_softmax(1))
+        del logits
     records = {c.name: trained[c.name] for c in kept}  # near-chance heads are discarded, in every record
     layers = [c.name for c in kept]
     stacked = {s: torch.stack(v) if v else torch.zeros(0, len(rows[s]), num_classes) for s, v in log_probs.items()}
-    stats = {s: _stats(probs[s], len(rows[s]), top1[s], [records[n].head_flops for n in layers],
+    stats = {s: _stats(scores[s], len(rows[s]), top1[s], [records[n].head_flops for n in layers],
                        [c.remaining_flops for c in kept], backbone_flops) for s in SCORED}
     confidence_stats, confidence_layers = stats, layers
 
@@ -181,13 +188,13 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
     return FitOutcome(records, config.gate, calibration, report, family)
 
 
-def _stats(probs: list[torch.Tensor], n: int, top1: torch.Tensor, head_flops, remaining,
+def _stats(scores: list[tuple[torch.Tensor, torch.Tensor]], n: int, top1: torch.Tensor, head_flops, remaining,
            backbone_flops) -> select.ExitStats:
-    """ExitStats of max-softmax exits from each exit's calibrated probabilities [N, C]."""
-    if not probs:
+    """ExitStats of max-softmax exits from each exit's (calibrated max probability [N], top-1 [N])."""
+    if not scores:
         return select.ExitStats(np.zeros((0, n)), np.zeros((0, n), bool), head_flops, remaining, backbone_flops)
-    return select.ExitStats(np.stack([p.max(1).values.numpy() for p in probs]),
-                            np.stack([(p.argmax(1) == top1).numpy() for p in probs]), head_flops, remaining,
+    return select.ExitStats(np.stack([c.numpy() for c, _ in scores]),
+                            np.stack([(top == top1).numpy() for _, top in scores]), head_flops, remaining,
                             backbone_flops)
 
 
