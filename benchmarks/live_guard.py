@@ -19,6 +19,8 @@ longest guarded run of that shift, is served without ``--guard``. Measured:
 * FLOPs (from the exit each item took): on the clean items, guard on minus off (plus the guard's heads on
   shadow items); after the alarm, the FLOPs given back (guard on minus off on the same items).
 
+The delay of one live run is one draw: ``--delay-runs`` offline replays feed the guard the server's shadow pass
+of the shifted images (after ``shift_at x fraction`` clean samples) in seeded orders, for its distribution.
 False alarms on clean traffic are counted offline over ``--clean-orders`` seeded orders of all the clean
 images, each replayed ``--clean-passes`` times into one fresh :class:`~selfxit.serve.live_guard.LiveGuard`,
 every item a shadow sample (the no-shrink pass the server runs, here in this process: shadow fraction 1, the
@@ -115,7 +117,8 @@ def _serve(bundle: Path, model: str, pool: Pool, kinds, order, batch: int, extra
     port = _free_port()
     out = open(log_dir / f"server-{port}.log", "w+")
     cmd = [sys.executable, "-m", "selfxit", "serve", "--bundle", str(bundle), "--model", model, "--port", str(port),
-           "--threads", "1", "--max-wait-ms", "1", "--reload-poll-s", "0", "--log-level", "warning", *extra]
+           "--threads", "1", "--max-wait-ms", "1", "--reload-poll-s", "0", "--log-level", "warning",
+           "--max-queue-wait-ms", "600000", *extra]  # one client in turn: the queue never holds another request
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     guarded = "--guard" in extra
     n = len(order)
@@ -186,22 +189,46 @@ def _windows(agree: np.ndarray, window: int) -> list[float]:
     return [float(np.mean(agree[i:i + window])) for i in range(0, len(agree) - window + 1, window)]
 
 
-def clean_false_alarms(ee, x: torch.Tensor, orders: int, passes: int, alpha: float, seed: int) -> tuple[int, int, float]:
-    """(alarms, samples fed, clean disagreement at the certified scale) over ``orders`` seeded orders of the
-    clean images, each replayed ``passes`` times into one fresh guard, every item a shadow sample."""
-    bg = BundleGuard(ee, GuardConfig(alpha=alpha, base_shadow=1.0, max_shadow=1.0))
+def shadow_outputs(ee, x: torch.Tensor) -> tuple[list, list, list]:
+    """(backbone class, every family exit's top-1, scores) per image: the server's no-shrink shadow pass."""
+    bg = BundleGuard(ee, GuardConfig(alpha=0.05, base_shadow=1.0, max_shadow=1.0))
     with torch.inference_mode():
         outs = [bg.shadow(x[i:i + 256]) for i in range(0, len(x), 256)]
-    backbone = torch.cat([o.logits.argmax(1) for o in outs]).tolist()
-    preds = torch.cat([o.exit_predictions for o in outs], 1).t().tolist()
-    scores = torch.cat([o.exit_confidence for o in outs], 1).float().t().tolist()
+    return (torch.cat([o.logits.argmax(1) for o in outs]).tolist(),
+            torch.cat([o.exit_predictions for o in outs], 1).t().tolist(),
+            torch.cat([o.exit_confidence for o in outs], 1).float().t().tolist())
+
+
+def offline_delays(ee, clean, shifted, before: int, runs: int, alpha: float, seed: int, cap: int = 30_000) -> list:
+    """Shadow samples from the shift to the first alarm over ``runs`` seeded replays: ``before`` clean samples,
+    then shifted ones (the outputs of :func:`shadow_outputs`), each run a fresh guard (None: no alarm by ``cap``)."""
+    rng = np.random.default_rng(seed)
+    delays = []
+    for _ in range(runs):
+        guard = LiveGuard(ee.family, GuardConfig(alpha=alpha, base_shadow=1.0, max_shadow=1.0))
+        for i in rng.integers(0, len(clean[0]), before):
+            guard.observe(clean[0][i], clean[1][i], clean[2][i])
+        delay = None
+        for k, i in enumerate(np.concatenate([rng.permutation(len(shifted[0])) for _ in range(cap // len(shifted[0]) + 1)])[:cap]):
+            move = guard.observe(shifted[0][i], shifted[1][i], shifted[2][i])
+            if move is not None and move.kind == "tighten":
+                delay = k + 1
+                break
+        delays.append(delay)
+    return delays
+
+
+def clean_false_alarms(ee, outputs, orders: int, passes: int, alpha: float, seed: int) -> tuple[int, int, float]:
+    """(alarms, samples fed, clean disagreement at the certified scale) over ``orders`` seeded orders of the
+    clean images, each replayed ``passes`` times into one fresh guard, every item a shadow sample."""
+    backbone, preds, scores = outputs
     probe = LiveGuard(ee.family, GuardConfig(alpha=alpha, base_shadow=1.0, max_shadow=1.0))
     drop = float(np.mean([probe.disagrees(probe.scale, b, p, s) for b, p, s in zip(backbone, preds, scores)]))
     rng = np.random.default_rng(seed)
     alarms = fed = 0
     for _ in range(orders):
         guard = LiveGuard(ee.family, GuardConfig(alpha=alpha, base_shadow=1.0, max_shadow=1.0))
-        for i in np.concatenate([rng.permutation(len(x)) for _ in range(passes)]):
+        for i in np.concatenate([rng.permutation(len(backbone)) for _ in range(passes)]):
             fed += 1
             move = guard.observe(backbone[i], preds[i], scores[i])
             if move is not None and move.kind == "tighten":
@@ -231,6 +258,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=64, help="items per request")
     p.add_argument("--clean-orders", type=int, default=10)
     p.add_argument("--clean-passes", type=int, default=5, help="replays of all clean images per order")
+    p.add_argument("--delay-runs", type=int, default=50, help="offline replays of the shift, per run, for the "
+                                                                   "distribution of the delay (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     p.add_argument("--json-out", type=Path, help="also write the measured figures here")
@@ -311,9 +340,23 @@ def main(argv=None) -> None:
         results[shift] = {"drop_off": drop, "fixed_n": n_fixed}
 
     t1 = time.perf_counter()
-    alarms, fed, clean_drop = clean_false_alarms(ee, pool.tensors["clean"], args.clean_orders, args.clean_passes,
+    outputs = {kind: shadow_outputs(ee, x) for kind, x in pool.tensors.items()}
+    for shift in shifts:
+        for s, f in runs:
+            if s == shift and args.delay_runs:
+                delays = offline_delays(ee, outputs["clean"], outputs[shift], int(round(args.shift_at * f)),
+                                        args.delay_runs, args.alpha, args.seed + 3)
+                found = np.array([d for d in delays if d is not None])
+                n2 = 2 * results[shift]["fixed_n"] if results[shift]["fixed_n"] else None
+                results[shift][f"offline@{f:g}"] = {
+                    "runs": len(delays), "no_alarm": sum(d is None for d in delays),
+                    "mean": float(found.mean()) if len(found) else None,
+                    "median": float(np.median(found)) if len(found) else None,
+                    "p90": float(np.percentile(found, 90)) if len(found) else None,
+                    "within_2n": float(np.mean([d is not None and n2 is not None and d <= n2 for d in delays]))}
+    alarms, fed, clean_drop = clean_false_alarms(ee, outputs["clean"], args.clean_orders, args.clean_passes,
                                                  args.alpha, args.seed + 2)
-    print(f"clean replays in {time.perf_counter() - t1:.0f} s", flush=True)
+    print(f"offline replays in {time.perf_counter() - t1:.0f} s", flush=True)
 
     print(f"\nlive guard, {args.model}, tolerance {tol:g}, alpha {args.alpha:g}, certified scale {ee.family.scale}, "
           f"shift at item {args.shift_at}, {args.batch} PNG images per request, windows of {args.window} items\n")
@@ -336,6 +379,13 @@ def main(argv=None) -> None:
     print("\nagreement per window (first item of the window):")
     for r in rows:
         print(f"{r['shift']} {r['run']}: " + " ".join(f"{i * args.window}:{a:.3f}" for i, a in enumerate(r["windows"])))
+    for shift, res in results.items():
+        for key, d in res.items():
+            if key.startswith("offline@"):
+                print(f"\n{shift}, {key}: shadow samples from the shift to the alarm over {d['runs']} offline replays of "
+                      f"the shadow pass ({key[8:]} x {args.shift_at} clean samples first): mean {_fmt(d['mean'], '.0f')}, "
+                      f"median {_fmt(d['median'], '.0f')}, p90 {_fmt(d['p90'], '.0f')}, no alarm {d['no_alarm']}, "
+                      f"within 2n = {2 * res['fixed_n'] if res['fixed_n'] else '-'}: {d['within_2n']:.2f}")
     print(f"\nclean replays (offline, every item a shadow sample): {alarms} false alarms in {args.clean_orders} "
           f"orders of {args.clean_passes} x {len(pool.tensors['clean'])} items ({fed} samples fed); clean "
           f"disagreement at the certified scale {clean_drop:.4f}")
