@@ -17,7 +17,9 @@ Pieces (all opt-in ``FitConfig`` fields; see ``selfxit/fit/cascade.py``):
   ensembles on the exits of the default design;
 - ``survivor``: ``cascade=True, survivor_rounds=2``: the chain's heads re-weighted toward the train
   samples that reach them, alternated with the cascade design on *tune*;
-- ``all``: both (the same as ``survivor``, which includes the cascade).
+- ``all``: both (the same as ``survivor``, which includes the cascade);
+- ``cascade_tune_ensemble``, ``cascade_all_heads``: measurements only (why the cascade pays little): the
+  ensemble weights fitted on *tune* instead of *train*; a chain over every trained head.
 
 ``--drift`` (part B of the issue, measurement only): fine-tunes a copy of the backbone by KL to the
 original on the train images (frozen BatchNorm statistics, L2-SP, final KL weighted high) and reports
@@ -27,7 +29,9 @@ regime's final exit would start from, before any exit fires.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -44,6 +48,7 @@ os.environ.setdefault("NNI_FRAMEWORK", "none")
 
 import selfxit  # noqa: E402
 from selfxit.evaluate.evaluation import evaluate  # noqa: E402
+from selfxit.fit import cascade as chaining  # noqa: E402
 from selfxit.fit.config import FitConfig  # noqa: E402
 from selfxit.fit.medial import MedialDataset  # noqa: E402
 from selfxit.zoo import load_backbone  # noqa: E402
@@ -55,6 +60,24 @@ PIECES = {
     "survivor": {"cascade": True, "survivor_rounds": 2},
 }
 PIECES["all"] = dict(PIECES["survivor"])
+# measurements of why the cascade pays little (not product settings): the ensemble fitted on tune, not train;
+# a chain over every trained head (the members that do not answer run at their counted cost)
+PIECES["cascade_tune_ensemble"] = dict(PIECES["cascade"])
+PIECES["cascade_all_heads"] = dict(PIECES["cascade"])
+
+
+@contextlib.contextmanager
+def variant(piece: str):
+    """Patch selfxit.fit.cascade for the measurement-only pieces above, for the duration of one fit."""
+    original_fit, original_members = chaining.fit_chain, chaining.chain_members
+    if piece == "cascade_tune_ensemble":
+        chaining.fit_chain = functools.partial(original_fit, ensemble_split="tune")
+    elif piece == "cascade_all_heads":
+        chaining.chain_members = lambda layers, thresholds, shape: list(layers)
+    try:
+        yield
+    finally:
+        chaining.fit_chain, chaining.chain_members = original_fit, original_members
 TARGETS = {0.01: 0.80, 0.05: 0.64}  # issue 14, frozen regime: tolerance -> flops_fraction
 
 
@@ -88,6 +111,8 @@ def main() -> None:
     parser.add_argument("--record-only", action="store_true", help="record the medial datasets and stop")
     parser.add_argument("--drift", action="store_true", help="also measure part B's drift of a fine-tuned copy")
     parser.add_argument("--drift-epochs", type=int, default=2)
+    parser.add_argument("--drift-settings", default="-1,0,1,2",
+                        help="which of drift_copy.SETTINGS to run (-1: the frozen-regime heads)")
     parser.add_argument("--drift-images", type=int, default=3000, help="train images the copy is fine-tuned on")
     parser.add_argument("--drift-layers", default="", help="exit layers of the drift heads (default: the default "
                                                               "piece's exits at 1%%)")
@@ -118,7 +143,8 @@ def main() -> None:
                 if base:
                     ee.set_records(base)
                 start = time.perf_counter()
-                report = ee.fit(tolerance, config=FitConfig(**PIECES[piece]), progress=False)
+                with variant(piece):
+                    report = ee.fit(tolerance, config=FitConfig(**PIECES[piece]), progress=False)
                 fit_s = time.perf_counter() - start
                 if not base:
                     base = [dataclasses.replace(r, threshold=None) for r in ee.records.values()]
@@ -145,8 +171,12 @@ def main() -> None:
                 [k for k in runs.get("default@0.01", {}).get("exits", {}) if k != "final"]
             if not layers:
                 raise SystemExit("--drift needs the default piece at 1% (its exits are the heads) or --drift-layers")
+            from drift_copy import SETTINGS
+
+            chosen = [int(i) for i in args.drift_settings.split(",") if i]
             runs["drift"] = measure_drift(model, traffic, seed, layers, epochs=args.drift_epochs,
-                                          max_train=args.drift_images)
+                                          max_train=args.drift_images, frozen=-1 in chosen,
+                                          settings=[SETTINGS[i] for i in chosen if i >= 0])
     _summary(results, pieces, tolerances)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=float))

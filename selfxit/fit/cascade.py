@@ -121,8 +121,11 @@ def survivor_weights(stats: select.ExitStats, shape: np.ndarray, floor: float = 
 
 def fit_chain(records: dict[str, ExitRecord], layers: list[str], remaining: dict[str, int], medial: MedialDataset,
               rows: dict[str, np.ndarray], top1: dict[str, torch.Tensor], config, num_classes: int,
-              backbone_flops: int, progress: bool = True) -> Chain:
-    """Train the chain of ``layers`` (forward order) from their independent heads in ``records``."""
+              backbone_flops: int, progress: bool = True, ensemble_split: str = "train") -> Chain:
+    """Train the chain of ``layers`` (forward order) from their independent heads in ``records``.
+
+    ``ensemble_split``: where the ensemble weights are fitted ('train', as Zero Time Waste does; 'tune' for the
+    measurement in ``benchmarks/savings.py`` of how much the heads' overconfidence on train costs)."""
     teacher = {s: teacher_rows(medial, rows[s], config.distill.memory_mb) for s in SPLITS}
     teacher_train = teacher["train"][torch.arange(len(rows["train"]))]
     top1 = dict(top1, train=teacher_train.argmax(1))
@@ -146,7 +149,11 @@ def fit_chain(records: dict[str, ExitRecord], layers: list[str], remaining: dict
                        config.distill, f"chain {layer}", progress, weights=w)
             for s in SPLITS:
                 own[s].append(_own(head, features[s], previous[s]))
-            fit_ensemble(head, torch.stack(own["train"]), teacher_train, w)
+            if ensemble_split == "train":
+                fit_ensemble(head, torch.stack(own["train"]), teacher_train, w)
+            else:
+                fit_ensemble(head, torch.stack(own[ensemble_split]),
+                             teacher[ensemble_split][torch.arange(len(rows[ensemble_split]))], None)
             with torch.no_grad():
                 logits = {s: head.ensemble(torch.stack(own[s])) for s in SPLITS}
             temperature = fit_temperature(logits["tune"], top1["tune"])
