@@ -9,7 +9,8 @@ out, the traffic monitor sees the batch (shadow runs and logging add no latency)
 Admission is bounded by expected wait, not only by item count: the worker keeps a moving average of
 its time per item (whole micro-batch, monitor included, divided by its items), and a request that would
 wait longer than ``max_queue_wait_ms`` behind what is queued and running is refused at once with 503 and
-``Retry-After``. Why: under overload a count limit alone lets every request wait out its timeout, so
+``Retry-After`` — unless nothing is queued: then it runs next, whatever the batch in progress costs (a lone
+client is never turned away because the guard raised the shadow fraction). Why: under overload a count limit alone lets every request wait out its timeout, so
 clients see slow failures instead of a fast, retryable answer; the average adapts to the model and the
 machine, which a fixed item count cannot.
 """
@@ -211,7 +212,9 @@ class Batcher:
                 raise busy(f"server busy: {self.pending_items} items queued "
                            f"(max_queue_items {self.config.max_queue_items})", wait)
             limit_ms = self.config.max_queue_wait_ms
-            if wait * 1000 > limit_ms:
+            # With nothing queued the request runs next: it waits out at most the batch in progress (whose
+            # answers may already be out while its shadow passes run), so it is never refused for that.
+            if self.pending_items and wait * 1000 > limit_ms:
                 raise busy(f"server busy: expected queue wait {wait * 1000:.0f} ms exceeds max_queue_wait_ms "
                            f"{limit_ms:g} ({self.pending_items + self.running_items} items ahead at "
                            f"{self.item_s * 1000:.2f} ms each)", wait)

@@ -159,6 +159,23 @@ def test_admission_is_bounded_by_expected_wait_with_retry_after():
         loop.close()
 
 
+def test_a_request_with_nothing_queued_is_admitted_whatever_the_batch_in_progress_costs():
+    """A lone client must not get 503 because the running batch (e.g. its shadow passes) is slow."""
+    from selfxit.serve.batching import Batcher, Job
+
+    batcher = Batcher(ServeConfig(max_queue_wait_ms=100), lambda: None, lambda *a: None, None)
+    loop = asyncio.new_event_loop()
+    try:
+        batcher._timed(1.0, 10)  # 100 ms per item
+        batcher.running_items = 64  # a big batch in progress: 6.4 s expected, but nothing queued
+        batcher.submit(Job(torch.zeros(64, 1), loop, lambda item: None, 1, "predict", 0.0))
+        with pytest.raises(ApiError) as caught:  # now 64 items are queued ahead of the next one
+            batcher.submit(Job(torch.zeros(1, 1), loop, lambda item: None, 1, "predict", 0.0))
+        assert caught.value.status == 503
+    finally:
+        loop.close()
+
+
 def test_answers_never_hold_non_finite_numbers():
     from selfxit.serve.guard import dumps
 
