@@ -124,8 +124,9 @@ def fit_chain(records: dict[str, ExitRecord], layers: list[str], remaining: dict
               backbone_flops: int, progress: bool = True, ensemble_split: str = "train") -> Chain:
     """Train the chain of ``layers`` (forward order) from their independent heads in ``records``.
 
-    ``ensemble_split``: where the ensemble weights are fitted ('train', as Zero Time Waste does; 'tune' for the
-    measurement in ``benchmarks/savings.py`` of how much the heads' overconfidence on train costs)."""
+    ``ensemble_split`` (``FitConfig.ensemble_split``): where the ensemble weights are fitted: 'train', as Zero
+    Time Waste does, or 'tune', where the heads were not distilled and so are not overconfident (measured in
+    ``benchmarks/savings.py``: it saves more). Survivor weights apply to the ensemble only on 'train'."""
     teacher = {s: teacher_rows(medial, rows[s], config.distill.memory_mb) for s in SPLITS}
     teacher_train = teacher["train"][torch.arange(len(rows["train"]))]
     top1 = dict(top1, train=teacher_train.argmax(1))

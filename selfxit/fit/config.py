@@ -15,6 +15,7 @@ fields of :class:`~selfxit.fit.distill.DistillConfig` and :class:`~selfxit.fit.g
     retrain: false           # retrain heads already trained on this medial dataset
     cascade: false           # chain the designed exits: cascade connections + ensembles (selfxit.fit.cascade)
     survivor_rounds: 0       # with cascade: rounds of survivor-aware distillation, designed on 'tune'
+    ensemble_split: train    # with cascade: where the chain's ensemble weights are fitted (train | tune)
     distill: {epochs: 15, batch_size: 256, lr: 0.005, weight_decay: 0.0005, seed: 0}
     gate_config: {lam: inf, hidden: 0, ...}
 
@@ -33,6 +34,7 @@ from selfxit.fit.gates import GATES, GateConfig
 from selfxit.fit.select import DESIGN_FACTORS
 
 METHODS = ("certified", "joint", "paper")
+ENSEMBLE_SPLITS = ("train", "tune")  # 'val' never: it stays clean for the certification
 
 
 class FitConfigError(ValueError):
@@ -54,6 +56,7 @@ class FitConfig:
     retrain: bool = False
     cascade: bool = False
     survivor_rounds: int = 0
+    ensemble_split: str = "train"
     distill: DistillConfig = field(default_factory=DistillConfig)
     gate_config: GateConfig = field(default_factory=GateConfig)
 
@@ -91,6 +94,8 @@ class FitConfig:
         if isinstance(self.survivor_rounds, bool) or not isinstance(self.survivor_rounds, int) \
                 or not 0 <= self.survivor_rounds <= 10:
             raise FitConfigError(f"survivor_rounds must be an int in [0, 10]; got {self.survivor_rounds!r}")
+        if self.ensemble_split not in ENSEMBLE_SPLITS:
+            raise FitConfigError(f"ensemble_split must be one of {ENSEMBLE_SPLITS}; got {self.ensemble_split!r}")
         if self.survivor_rounds and not self.cascade:
             raise FitConfigError("survivor_rounds > 0 needs cascade=true (the rounds retrain the chain's heads)")
 

@@ -157,7 +157,7 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
         members = chaining.chain_members(layers, thresholds, cert.shape if cert is not None else None)
         if members:
             chain = chaining.fit_chain(records, members, {c.name: c.remaining_flops for c in kept}, medial, rows,
-                                       top1, config, num_classes, backbone_flops, progress)
+                                       top1, config, num_classes, backbone_flops, progress, config.ensemble_split)
             records.update({r.layer: r for r in chain.records})
             layers, stacked, stats = members, chain.log_probs, chain.stats
             results, cert = choose_thresholds(stats, config)

@@ -57,6 +57,8 @@ def test_config_at_the_boundary():
         FitConfig.from_dict({"cascade": "yes"})
     with pytest.raises(FitConfigError, match=r"survivor_rounds must be an int in \[0, 10\]"):
         FitConfig(cascade=True, survivor_rounds=-1)
+    with pytest.raises(FitConfigError, match=r"ensemble_split must be one of \('train', 'tune'\); got 'val'"):
+        FitConfig(cascade=True, ensemble_split="val")
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +130,15 @@ def test_report_records_chained_heads_as_the_runtime_runs_them(chained):
     for k, name in enumerate(ee.thresholds):  # the calibrated confidence of each active exit, as the runtime has it
         row = layers.index(name)
         assert np.allclose(data["conf_cal"][row], full.exit_confidence[k].numpy(), atol=1e-5)
+
+
+def test_ensemble_on_tune(chained):
+    ee, _, _, images, _ = chained
+    saved = dict(ee.records)
+    try:
+        ee.fit(0.1, distill=DistillConfig(epochs=3), cascade=True, ensemble_split="tune", progress=False)
+        assert all(is_chained(ee.records[n].head) for n in ee.thresholds)
+        out, full = ee(images), ee(images, shrink=False)
+        assert torch.equal(out.exit, full.exit) and torch.equal(out.predictions, full.predictions)
+    finally:
+        ee.set_records(list(saved.values()))
