@@ -2,30 +2,19 @@
 backbone's answer stays bit-exact, and a chain with a missing member is refused."""
 import pytest
 import torch
+from backbones import scrambled_resnet20
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from selfxit.core.cascade import PASS_THROUGH, ChainedHead, from_config, is_chained
 from selfxit.core.heads import DEFAULT_HEAD, build_head
 from selfxit.core.runtime import FINAL, EarlyExitRunner, Exit
-from selfxit.zoo.cifar_resnet import cifar_resnet
 
 torch.set_num_threads(1)
 LAYERS = {"layer1": (16, 32, 32), "layer2": (32, 16, 16), "layer3.1": (64, 8, 8)}
 
 
-def _backbone():
-    torch.manual_seed(0)
-    model = cifar_resnet("cifar_resnet20").eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.requires_grad_(False)
-
-
-BACKBONE = _backbone()
+BACKBONE = scrambled_resnet20()
 
 
 def _chain(seed):

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from backbones import scrambled_resnet20
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -18,7 +19,6 @@ from selfxit.fit import gates
 from selfxit.fit import select as optimize
 from selfxit.fit.distill import DistillConfig
 from selfxit.zoo import load_backbone
-from selfxit.zoo.cifar_resnet import cifar_resnet
 from selfxit.zoo.data import ImageFolderData
 
 torch.set_num_threads(1)
@@ -156,17 +156,8 @@ def test_fit_gates_chain_is_what_certification_keeps():
 
 # ---- runtime ---------------------------------------------------------------------------------------------
 
-def _small_backbone():
-    torch.manual_seed(0)
-    model = cifar_resnet("cifar_resnet20").eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.requires_grad_(False)
 
-
-BACKBONE = _small_backbone()
+BACKBONE = scrambled_resnet20()
 LAYERS = {"layer1": (16, 32, 32), "layer2": (32, 16, 16), "layer3.1": (64, 8, 8)}
 
 
