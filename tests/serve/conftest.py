@@ -1,24 +1,15 @@
 """Fixtures of the serving reliability tests: a bundle that is quick to build, and the probes of
 ``benchmarks/reliability_serve.py`` (the same code the reliability benchmark runs at full size)."""
-import importlib.util
-import sys
-from pathlib import Path
 
+import benchmark_scripts
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
 def reliability():
     """``benchmarks/reliability_serve.py`` as a module (benchmarks/ is not a package)."""
-    path = ROOT / "benchmarks" / "reliability_serve.py"
-    spec = importlib.util.spec_from_file_location("reliability_serve", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("reliability_serve", module)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("reliability_serve")
 
 
 @pytest.fixture(scope="session")

@@ -1,26 +1,19 @@
 """Ray Serve deployment (selfxit.serve.ray_serve) with real processes: a local Ray on 127.0.0.1 with 2 CPUs,
 Ray Serve's proxy and two replicas, real shared JPEGs. The probes are benchmarks/ray_serve.py's, at small sizes."""
-import importlib.util
 import json
 import socket
 import sys
 import time
-from pathlib import Path
 
+import benchmark_scripts
 import pytest
 
 ray = pytest.importorskip("ray")  # the extra selfxit[ray]; .ci/run installs it
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    path = ROOT / "benchmarks" / "ray_serve.py"
-    spec = importlib.util.spec_from_file_location("ray_serve_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("ray_serve_bench", module)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("ray_serve", "ray_serve_bench")
 
 
 @pytest.fixture(scope="module")
