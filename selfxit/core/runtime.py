@@ -19,6 +19,7 @@ depending on the batch size (:func:`selfxit.core.exactness.invariant_rows`), and
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 from typing import Callable, cast
 
@@ -31,6 +32,10 @@ from selfxit.core.exits import ExitRecord
 from selfxit.core.graph import batch_safe_module
 
 FINAL = -1  # exit index of samples answered by the backbone itself
+
+# backbone -> {(row shape, dtype, device): smallest batch-invariant size}; a property of the backbone alone, so
+# every runner built on it (after each fit, reload or guard move) shares one measurement
+_INVARIANT: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
 Exit = ExitRecord  # the runtime's name for an active exit record
@@ -132,16 +137,17 @@ class EarlyExitRunner:
         # only gates that read the previous exit need its probabilities carried for the surviving rows
         self._carry_previous = any(getattr(e.gate, "previous", False) for e in self.exits)
         self._pass: _Pass | None = None
-        self._invariant: dict[tuple, int] = {}  # (row shape, dtype, device) -> smallest batch-invariant size
 
     def _min_rows(self, x: torch.Tensor) -> int:
-        """Smallest batch survivors may run in so their rows equal the backbone's (measured once per shape)."""
+        """Smallest batch survivors may run in so their rows equal the backbone's (measured once per backbone and
+        input shape, shared by every runner on that backbone)."""
         if len(x) <= 1:
             return 1
+        known = _INVARIANT.setdefault(self.backbone, {})
         key = (tuple(x.shape[1:]), x.dtype, x.device)
-        if key not in self._invariant:
-            self._invariant[key] = invariant_rows(self._forward, x[:1])
-        return self._invariant[key]
+        if key not in known:
+            known[key] = invariant_rows(self._forward, x[:1])
+        return known[key]
 
     def _hook(self, position: int):
         head, threshold = self._scaled_heads[position], self.exits[position].threshold

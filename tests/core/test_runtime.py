@@ -107,3 +107,26 @@ def test_backbone_stops_when_all_exited():
     finally:
         handle.remove()
     assert calls == [] and (out.exit == 0).all()
+
+
+def test_the_batch_invariant_size_is_measured_once_per_backbone():
+    """Runners are rebuilt after every fit, reload and guard move; the probe (full backbone passes) must not be."""
+    backbone = scrambled_resnet20()
+    calls = []
+    handle = backbone.linear.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for _ in range(2):
+            exits = [Exit(name, ScriptedHead(shape, set()), 1.0, 0.99) for name, shape in LAYERS.items()]
+            EarlyExitRunner(backbone, exits, num_classes=10)(X[:4])
+    finally:
+        handle.remove()
+    probe_calls = len(calls) - 2  # one backbone pass per call (nothing exits)
+    assert probe_calls > 0
+    calls.clear()
+    handle = backbone.linear.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        exits = [Exit(name, ScriptedHead(shape, set()), 1.0, 0.99) for name, shape in LAYERS.items()]
+        EarlyExitRunner(backbone, exits, num_classes=10)(X[:4])
+    finally:
+        handle.remove()
+    assert calls == [1]  # a third runner on the same backbone only runs the batch itself
