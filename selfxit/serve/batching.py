@@ -142,9 +142,11 @@ def builds_runner(ee) -> bool:
 
 def warm_up(ee, gate: TraceGate) -> None:
     """Run ``ee`` once on zeros, alone, so its runner is built before it serves (a new bundle's first request
-    then costs no tracing, and a bundle that cannot run is refused at load)."""
+    then costs no tracing, and a bundle that cannot run is refused at load). Two rows, not one: a batch of
+    two or more also measures the backbone's batch-invariant size (:mod:`selfxit.core.exactness`), which the
+    first micro-batch would otherwise pay for."""
     with gate.exclusive(), torch.inference_mode():
-        ee(torch.zeros(1, *ee.input_shape))
+        ee(torch.zeros(2, *ee.input_shape))
         if hasattr(ee, "warm"):
             ee.warm()  # the bucketed runtime compiles / captures every bucket before the bundle serves
 
