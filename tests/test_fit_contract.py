@@ -46,6 +46,7 @@ def test_conformal_sets_are_calibrated_on_samples_that_did_not_choose_the_scale(
 
     def spy(layers, active, log_probs, taken, top1, *args, **kwargs):
         seen["rows"] = len(taken)
+        seen["streamed"] = callable(log_probs) and not isinstance(log_probs, torch.Tensor)
         return real(layers, active, log_probs, taken, top1, *args, **kwargs)
 
     monkeypatch.setattr(conformal, "calibrate_cascade", spy)
@@ -53,6 +54,7 @@ def test_conformal_sets_are_calibrated_on_samples_that_did_not_choose_the_scale(
     tune, val = len(ee.medial.indices("tune")), len(ee.medial.indices("val"))
     assert tune != val and seen["rows"] == tune  # 'val' certified the scale; the sets use 'tune'
     assert report.conformal_split == "tune"
+    assert seen["streamed"]  # scored from the store on demand: no [heads, rows, classes] tensor held by the fit
 
 
 def test_fit_config_round_trips_through_yaml(tmp_path):

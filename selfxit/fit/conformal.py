@@ -14,6 +14,7 @@ The sets may be empty: with an exit that already agrees more often than ``1 - al
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Union
 
 import numpy as np
 import torch
@@ -50,6 +51,21 @@ def calibrate(exit_probs: dict[str, np.ndarray], exit_targets: dict[str, np.ndar
     return ConformalCalibration(alphas, quantiles, counts)
 
 
+LogProbs = Union[torch.Tensor, Callable[[int, np.ndarray], torch.Tensor]]
+"""Calibrated log-probabilities of a cascade's exits on one split: a [K, N, C] tensor, or a function
+``(k, positions) -> [len(positions), C]`` that computes exit ``k``'s for those positions of the split (so a
+fit need not hold K x N x C floats: see :func:`selfxit.fit.procedure.fit_exits`)."""
+
+CHUNK = 1024  # rows scored at a time
+
+
+def _rows_of(log_probs: LogProbs) -> Callable[[int, np.ndarray], torch.Tensor]:
+    if callable(log_probs):
+        return log_probs
+    stacked = log_probs
+    return lambda k, positions: stacked[k, torch.as_tensor(positions, dtype=torch.long)]
+
+
 @dataclass
 class SetQuality:
     """Empirical coverage (set contains the backbone's answer) and mean set size on a set of samples."""
@@ -63,56 +79,92 @@ class SetQuality:
     early_samples: int
 
 
+class _QualitySums:
+    """Sums behind :class:`SetQuality`, added chunk by chunk."""
+
+    def __init__(self):
+        self.early = self.rows = 0
+        self.covered_early = self.size_early = self.empty_early = self.covered_all = self.size_all = 0.0
+
+    def add(self, sets: torch.Tensor, backbone_top1: torch.Tensor, exit: torch.Tensor) -> None:
+        covered = sets[torch.arange(len(sets)), backbone_top1].double()
+        size = sets.sum(1).double()
+        early = exit != FINAL
+        self.rows += len(sets)
+        self.early += int(early.sum())
+        self.covered_early += float(covered[early].sum())
+        self.size_early += float(size[early].sum())
+        self.empty_early += float((size[early] == 0).sum())
+        self.covered_all += float(covered.sum())
+        self.size_all += float(size.sum())
+
+    def quality(self, alpha: float) -> SetQuality:
+        nan = float("nan")
+        e, n = self.early, self.rows
+        return SetQuality(float(alpha), self.covered_early / e if e else nan, self.size_early / e if e else nan,
+                          self.empty_early / e if e else nan, self.covered_all / n if n else nan,
+                          self.size_all / n if n else nan, e)
+
+
 def set_quality(sets: torch.Tensor, backbone_top1: torch.Tensor, exit: torch.Tensor, alpha: float) -> SetQuality:
     """Coverage and size of prediction ``sets`` [N, C] against the backbone's top-1."""
-    covered = sets[torch.arange(len(sets)), backbone_top1].float()
-    size = sets.sum(1).float()
-    early = exit != FINAL
-    nan = float("nan")
-
-    def mean(values, mask):
-        return float(values[mask].mean()) if mask.any() else nan
-
-    return SetQuality(float(alpha), mean(covered, early), mean(size, early), mean((size == 0).float(), early),
-                      float(covered.mean()) if len(sets) else nan, float(size.mean()) if len(sets) else nan,
-                      int(early.sum()))
+    sums = _QualitySums()
+    sums.add(sets, backbone_top1, exit)
+    return sums.quality(alpha)
 
 
-def calibrate_cascade(layers: list[str], active: list[int], log_probs: torch.Tensor, taken: np.ndarray,
+def calibrate_cascade(layers: list[str], active: list[int], log_probs: LogProbs, taken: np.ndarray,
                       backbone_top1: torch.Tensor, alphas=ALPHAS) -> ConformalCalibration:
     """:func:`calibrate` from recorded predictions of a cascade on the calibration split.
 
-    ``log_probs`` [K, N, C]: calibrated log-probabilities of the exits ``layers``; ``active``: indices of the
-    cascade's exits; ``taken`` [N]: each sample's exit index (-1: the backbone), as from
-    :func:`selfxit.fit.select.exit_assignment`.
+    ``log_probs``: calibrated log-probabilities of the exits ``layers`` (:data:`LogProbs`); ``active``: indices
+    of the cascade's exits; ``taken`` [N]: each sample's exit index (-1: the backbone), as from
+    :func:`selfxit.fit.select.exit_assignment`. Only each sample's own exit is scored, ``CHUNK`` rows at a time.
     """
+    of = _rows_of(log_probs)
     taken = np.asarray(taken)
     top1 = np.asarray(backbone_top1)
-    probs, targets = {}, {}
+    alphas = [_check_alpha(a) for a in alphas]
+    quantiles: dict[str, dict[str, float]] = {str(a): {} for a in alphas}
+    counts = {}
     for k in active:
         rows = np.flatnonzero(taken == k)
-        probs[layers[k]] = log_probs[k, torch.as_tensor(rows, dtype=torch.long)].exp().numpy()
-        targets[layers[k]] = top1[rows]
-    return calibrate(probs, targets, alphas)
+        scores = [1.0 - of(k, rows[i:i + CHUNK]).exp().double().numpy()[np.arange(len(rows[i:i + CHUNK])),
+                                                                            top1[rows[i:i + CHUNK]]]
+                  for i in range(0, len(rows), CHUNK)]
+        flat = np.concatenate(scores) if scores else np.zeros(0)
+        counts[layers[k]] = int(len(rows))
+        for a in alphas:
+            quantiles[str(a)][layers[k]] = conformal_quantile(flat, a)
+    return ConformalCalibration(alphas, quantiles, counts)
 
 
 def cascade_set_quality(calibration: ConformalCalibration, layers: list[str], active: list[int],
-                        log_probs: torch.Tensor, taken: np.ndarray | torch.Tensor, backbone_top1: torch.Tensor,
+                        log_probs: LogProbs, taken: np.ndarray | torch.Tensor, backbone_top1: torch.Tensor,
                         alphas=None) -> dict[str, SetQuality]:
     """:class:`SetQuality` per alpha of a cascade's sets on recorded predictions of held-back samples
-    (arguments as for :func:`calibrate_cascade`)."""
-    taken = torch.as_tensor(np.asarray(taken), dtype=torch.long)
+    (arguments as for :func:`calibrate_cascade`), ``CHUNK`` rows at a time."""
+    of = _rows_of(log_probs)
+    taken = np.asarray(taken).astype(np.int64)
     top1 = torch.as_tensor(np.asarray(backbone_top1), dtype=torch.long)
     position = {k: i for i, k in enumerate(active)}
-    exit = torch.tensor([position[int(k)] if k >= 0 else FINAL for k in taken], dtype=torch.long)
-    n, classes = len(taken), log_probs.shape[2] if log_probs.ndim == 3 else 0
-    probabilities = torch.zeros(n, classes)
-    early = taken >= 0
-    if early.any():
-        probabilities[early] = log_probs[taken[early], torch.nonzero(early).flatten()].exp()
-    predictions = torch.where(early, probabilities.argmax(1) if classes else top1, top1)
-    out = {}
-    for alpha in calibration.alphas if alphas is None else alphas:
-        q = calibration.quantile_vector(alpha, [layers[k] for k in active])
-        out[str(float(alpha))] = set_quality(prediction_sets(probabilities, exit, predictions, q), top1, exit, alpha)
-    return out
+    alphas = calibration.alphas if alphas is None else alphas
+    quantiles = {a: calibration.quantile_vector(a, [layers[k] for k in active]) for a in alphas}
+    sums = {a: _QualitySums() for a in alphas}
+    for start in range(0, len(taken), CHUNK):
+        chunk = taken[start:start + CHUNK]
+        target = top1[start:start + CHUNK]
+        exit = torch.tensor([position[int(k)] if k >= 0 else FINAL for k in chunk], dtype=torch.long)
+        probabilities = None
+        for k in np.unique(chunk[chunk >= 0]):
+            at = np.flatnonzero(chunk == k)
+            p = of(int(k), start + at).exp()
+            if probabilities is None:
+                probabilities = torch.zeros(len(chunk), p.shape[1])
+            probabilities[torch.as_tensor(at)] = p
+        if probabilities is None:  # nothing left early in this chunk: every set is the backbone's answer
+            probabilities = torch.zeros(len(chunk), int(target.max()) + 1 if len(target) else 1)
+        predictions = torch.where(exit != FINAL, probabilities.argmax(1), target)
+        for a in alphas:
+            sums[a].add(prediction_sets(probabilities, exit, predictions, quantiles[a]), target, exit)
+    return {str(float(a)): sums[a].quality(a) for a in alphas}

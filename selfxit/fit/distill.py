@@ -154,9 +154,18 @@ def train_body(body: nn.Module, features, teacher, config: DistillConfig, name: 
     return body
 
 
+def head_logit_chunks(head: nn.Module, medial: MedialDataset, candidate: str, rows: np.ndarray,
+                      chunk: int = 512) -> Iterator[torch.Tensor]:
+    """Raw logits of a trained head on stored rows, ``chunk`` rows at a time in the order given: what scoring
+    reads, so that a split's [rows, classes] logits never need to be held at once."""
+    stage = medial.input_stage(candidate, head)
+    for x in _stored(medial, candidate, np.asarray(rows), chunk):
+        with torch.no_grad():  # per chunk: a no_grad held across a yield would leak into the caller
+            out = stage(x)
+        yield out
+
+
 def head_logits(head: nn.Module, medial: MedialDataset, candidate: str, rows: np.ndarray) -> torch.Tensor:
     """Raw logits of a trained head on stored rows (the head minus the reduction the store already applied)."""
-    stage = medial.input_stage(candidate, head)
-    with torch.no_grad():
-        return torch.cat([stage(x) for x in _stored(medial, candidate, np.asarray(rows))]) if len(rows) else \
-            torch.empty(0)
+    parts = list(head_logit_chunks(head, medial, candidate, rows))
+    return torch.cat(parts) if parts else torch.empty(0)

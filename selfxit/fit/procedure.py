@@ -13,6 +13,8 @@ certified scale: calibration and selection use disjoint samples.
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import torch
 from torch import nn
@@ -26,9 +28,9 @@ from selfxit.core.heads import DEFAULT_HEAD, build_head
 from selfxit.fit import cascade as chaining
 from selfxit.fit import conformal, select
 from selfxit.fit import gates as gating
-from selfxit.fit.calibrate import expected_calibration_error, fit_temperature
+from selfxit.fit.calibrate import CalibrationBins, fit_temperature
 from selfxit.fit.config import FitConfig
-from selfxit.fit.distill import distill_head, head_logits, seeded
+from selfxit.fit.distill import distill_head, head_logit_chunks, head_logits, seeded
 from selfxit.fit.medial import SPLITS, MedialDataset
 from selfxit.fit.results import FitReport, HeadReport, summary
 
@@ -58,6 +60,24 @@ def head_specs(candidates: list[Candidate], heads: dict | None, previous: dict[s
     return {n: heads.get(n, DEFAULT_HEAD) for n in names}
 
 
+def _release_freed_memory() -> None:
+    """Hand memory that Python and torch already freed back to the OS (glibc's ``malloc_trim``; elsewhere
+    nothing). Between heads this keeps a fit's peak RSS from stacking up the freed temporaries of every
+    earlier head: glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so without
+    it the peak grew with the rows scored although the live memory did not."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 def _warm(head: nn.Module, warm: nn.Module | None) -> None:
     """Copy ``warm``'s weights into the fresh ``head`` when the architectures match (else keep the fresh init)."""
     if warm is None:
@@ -81,6 +101,7 @@ def train_heads(candidates, medial, rows, specs, previous, config: FitConfig, nu
                 head = build_head(specs[cand.name], cand.shape, num_classes)
             _warm(head, (warm_start or {}).get(cand.name))
             distill_head(head, medial, cand.name, rows["train"], config.distill, progress)
+            _release_freed_memory()
         else:
             head = reused
         records[cand.name] = ExitRecord(cand.name, head, spec=specs[cand.name], shape=tuple(cand.shape),
@@ -101,34 +122,36 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
     trained = train_heads(candidates, medial, rows, specs, previous, config, num_classes, warm_start, progress)
 
     reports, kept = [], []
-    # Per kept head and split: the calibrated log-softmax [N, C] where a later step reads it (conformal sets on
-    # tune and test; learned gates on every split), and only the max-softmax and top-1 [N] otherwise, so the
-    # memory of a fit grows by a few bytes per 'val' row and class count, not by heads x classes floats.
-    logged = set(SCORED) if config.gate == "learned" else {"tune", "test"}
+    # Scoring streams: per kept head and split only the calibrated max-softmax and top-1 [N] are kept, and
+    # the val ECE is summed chunk by chunk, so a fit's memory does not grow by heads x rows x classes floats.
+    # Only learned gates read every head's full calibrated log-softmax on every split (held in memory then:
+    # an opt-in); the conformal sets re-score each sample's own exit from the store, chunk by chunk.
+    keep_log_probs = config.gate == "learned"
     log_probs: dict[str, list] = {s: [] for s in SCORED}
     scores: dict[str, list] = {s: [] for s in SCORED}  # (confidence, top-1) of each kept head
     for cand in candidates:
         record = trained[cand.name]
-        logits = {s: head_logits(record.head, medial, cand.name, rows[s]) for s in SCORED}
-        record.temperature = fit_temperature(logits["tune"], top1["tune"])
-        agreement = float((logits["val"].argmax(1) == top1["val"]).float().mean())
-        keep = float((logits["tune"].argmax(1) == top1["tune"]).float().mean()) >= majority + config.near_chance_margin
-        reports.append(HeadReport(cand.name, record.head_flops, cand.remaining_flops, agreement, record.temperature,
-                                  expected_calibration_error(logits["val"].softmax(1), top1["val"]),
-                                  expected_calibration_error((logits["val"] / record.temperature).softmax(1),
-                                                             top1["val"]), keep,
+        tune_logits = head_logits(record.head, medial, cand.name, rows["tune"])  # the temperature's LBFGS reads all
+        record.temperature = fit_temperature(tune_logits, top1["tune"])
+        keep = float((tune_logits.argmax(1) == top1["tune"]).float().mean()) >= majority + config.near_chance_margin
+        scored = {s: _score(record, medial, cand.name, rows[s], top1[s], keep_log_probs and keep,
+                            tune_logits if s == "tune" else None) for s in SCORED}
+        del tune_logits
+        _release_freed_memory()
+        reports.append(HeadReport(cand.name, record.head_flops, cand.remaining_flops, scored["val"].agreement,
+                                  record.temperature, scored["val"].ece_raw, scored["val"].ece, keep,
                                   getattr(medial, "stored_bytes", {}).get(cand.name)))
         if keep:
             kept.append(cand)
             for s in SCORED:
-                p = (logits[s] / record.temperature).softmax(1)
-                scores[s].append((p.max(1).values, p.argmax(1)))
-                if s in logged:
-                    log_probs[s].append((logits[s] / record.temperature).log_softmax(1))
-        del logits
+                scores[s].append((scored[s].confidence, scored[s].top1))
+                if keep_log_probs:
+                    log_probs[s].append(scored[s].log_probs)
     records = {c.name: trained[c.name] for c in kept}  # near-chance heads are discarded, in every record
     layers = [c.name for c in kept]
-    stacked = {s: torch.stack(v) if v else torch.zeros(0, len(rows[s]), num_classes) for s, v in log_probs.items()}
+    held = {s: torch.stack(v) if v else torch.zeros(0, len(rows[s]), num_classes) for s, v in log_probs.items()}
+    sources: dict[str, conformal.LogProbs] = (
+        dict(held) if keep_log_probs else {s: _StoredLogProbs(records, layers, medial, rows[s]) for s in SCORED})
     stats = {s: _stats(scores[s], len(rows[s]), top1[s], [records[n].head_flops for n in layers],
                        [c.remaining_flops for c in kept], backbone_flops) for s in SCORED}
     confidence_stats, confidence_layers = stats, layers
@@ -136,15 +159,15 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
     if config.gate == "learned":
         heads = {n: r.head for n, r in records.items()}
         temperatures = {n: r.temperature for n, r in records.items()}
-        fitted = gating.fit_with_heads(stacked, top1, layers, heads, temperatures, medial, rows,
+        fitted = gating.fit_with_heads(held, top1, layers, heads, temperatures, medial, rows,
                                        stats["tune"].head_flops, stats["tune"].remaining_flops, backbone_flops,
                                        config.tolerance, config.max_exits, config.gate_config, progress,
                                        design_factor=config.design_factor)
         for name in layers:  # head rounds may have specialised heads and refitted temperatures
             records[name].head, records[name].temperature = heads[name], temperatures[name]
-        stats = {s: fitted.stats(stacked[s], top1[s], stats[s].head_flops, stats[s].remaining_flops, backbone_flops)
+        stats = {s: fitted.stats(held[s], top1[s], stats[s].head_flops, stats[s].remaining_flops, backbone_flops)
                  for s in stats}
-        stacked = {s: lp[fitted.chain] for s, lp in stacked.items()}
+        sources = {s: lp[fitted.chain] for s, lp in held.items()}
         layers = [layers[k] for k in fitted.chain]
         for name, gate in zip(layers, fitted.gates):
             records[name].gate = gate
@@ -159,7 +182,7 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
             chain = chaining.fit_chain(records, members, {c.name: c.remaining_flops for c in kept}, medial, rows,
                                        top1, config, num_classes, backbone_flops, progress, config.ensemble_split)
             records.update({r.layer: r for r in chain.records})
-            layers, stacked, stats = members, chain.log_probs, chain.stats
+            layers, sources, stats = members, dict(chain.log_probs), chain.stats
             results, cert = choose_thresholds(stats, config)
             thresholds, level = results[config.method]
             thresholds = chaining.with_pass_through(thresholds)
@@ -175,8 +198,8 @@ def fit_exits(candidates: list[Candidate], medial: MedialDataset, num_classes: i
                                    for s in ("val", "test") if len(rows[s])}
     active = [int(k) for k in np.flatnonzero(np.isfinite(thresholds))]
     taken = {s: select.exit_assignment(stats[s], thresholds) for s in ("tune", "test")}
-    calibration = conformal.calibrate_cascade(layers, active, stacked["tune"], taken["tune"], top1["tune"])
-    set_quality = conformal.cascade_set_quality(calibration, layers, active, stacked["test"], taken["test"],
+    calibration = conformal.calibrate_cascade(layers, active, sources["tune"], taken["tune"], top1["tune"])
+    set_quality = conformal.cascade_set_quality(calibration, layers, active, sources["test"], taken["test"],
                                                 top1["test"]) if len(rows["test"]) else {}
     report = FitReport(config.tolerance, config.method, level, reports, baselines[config.method]["val"],
                        baselines[config.method].get("test"), baselines, config.gate,
@@ -196,6 +219,52 @@ def _stats(scores: list[tuple[torch.Tensor, torch.Tensor]], n: int, top1: torch.
     return select.ExitStats(np.stack([c.numpy() for c, _ in scores]),
                             np.stack([(top == top1).numpy() for _, top in scores]), head_flops, remaining,
                             backbone_flops)
+
+
+class _Scored:
+    """One head on one split: calibrated max-softmax and top-1 [N], agreement with the backbone, ECE before
+    and after the temperature, and (only when asked) the calibrated log-softmax [N, C]."""
+
+    def __init__(self, confidence, top1, agreement, ece_raw, ece, log_probs):
+        self.confidence, self.top1, self.agreement = confidence, top1, agreement
+        self.ece_raw, self.ece, self.log_probs = ece_raw, ece, log_probs
+
+
+def _score(record: ExitRecord, medial: MedialDataset, layer: str, rows: np.ndarray, top1: torch.Tensor,
+           keep_log_probs: bool, logits: torch.Tensor | None = None) -> _Scored:
+    """Score a head on stored rows chunk by chunk (``logits``: the split's logits when already computed)."""
+    chunks = [logits] if logits is not None else head_logit_chunks(record.head, medial, layer, rows)
+    raw, calibrated = CalibrationBins(), CalibrationBins()
+    confidence, top, kept, start = [], [], [], 0
+    for z in chunks:
+        target = top1[start:start + len(z)]
+        start += len(z)
+        raw.add(z.softmax(1), target)
+        p = (z / record.temperature).softmax(1)
+        calibrated.add(p, target)
+        c, t = p.max(1)
+        confidence.append(c)
+        top.append(t)
+        if keep_log_probs:
+            kept.append((z / record.temperature).log_softmax(1))
+    confidence_all = torch.cat(confidence) if confidence else torch.zeros(0)
+    top_all = torch.cat(top) if top else torch.zeros(0, dtype=torch.long)
+    agreement = float((top_all == top1).float().mean()) if len(top_all) else float("nan")
+    return _Scored(confidence_all, top_all, agreement, raw.error(), calibrated.error(),
+                   torch.cat(kept) if kept else None)
+
+
+class _StoredLogProbs:
+    """:data:`selfxit.fit.conformal.LogProbs` of independent heads, computed from the medial store on demand
+    (exit ``k``, positions within the split ``rows``), so the conformal step holds one chunk at a time."""
+
+    def __init__(self, records: dict[str, ExitRecord], layers: list[str], medial: MedialDataset, rows: np.ndarray):
+        self.records, self.layers, self.medial, self.rows = records, layers, medial, np.asarray(rows)
+
+    def __call__(self, k: int, positions: np.ndarray) -> torch.Tensor:
+        record = self.records[self.layers[k]]
+        logits = head_logits(record.head, self.medial, self.layers[k], self.rows[np.asarray(positions, dtype=np.int64)])
+        return (logits / record.temperature).log_softmax(1)
 
 
 def choose_thresholds(stats: dict[str, select.ExitStats], config: FitConfig):

@@ -92,3 +92,35 @@ def test_temperature_scaling_reduces_ece_on_overconfident_logits():
 
 def test_ece_empty_input():
     assert expected_calibration_error(torch.empty(0, 10), torch.empty(0, dtype=torch.long)) == 0.0
+
+
+def test_ece_summed_chunk_by_chunk_equals_the_whole():
+    from selfxit.fit.calibrate import CalibrationBins
+    logits = torch.randn(1000, 10, generator=torch.Generator().manual_seed(7)) * 3
+    probs, top1 = logits.softmax(1), _sample_top1(logits, 1.3, seed=8)
+    bins = CalibrationBins()
+    for start in range(0, 1000, 128):
+        bins.add(probs[start:start + 128], top1[start:start + 128])
+    assert bins.rows == 1000
+    assert bins.error() == pytest.approx(expected_calibration_error(probs, top1), abs=1e-6)
+    # and against the definition: share of rows per bin times |mean confidence - agreement|
+    confidence, prediction = probs.max(1)
+    edges, direct = torch.linspace(0, 1, 16), 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            agree = (prediction[inside] == top1[inside]).float().mean()
+            direct += float(inside.float().mean() * (confidence[inside].mean() - agree).abs())
+    assert bins.error() == pytest.approx(direct, abs=1e-6)
+
+
+def test_temperature_fitted_in_chunks_is_the_one_fitted_at_once():
+    logits = torch.randn(3000, 10, generator=torch.Generator().manual_seed(3)) * 4
+    top1 = _sample_top1(logits, 2.0, seed=4)
+    chunked, whole = fit_temperature(logits, top1, chunk=97), fit_temperature(logits, top1, chunk=10_000)
+    assert chunked == pytest.approx(whole, rel=1e-3)  # LBFGS stops within its tolerance of the same optimum
+
+    def nll(t):
+        return float(torch.nn.functional.cross_entropy(logits / t, top1))
+
+    assert nll(chunked) == pytest.approx(nll(whole), abs=1e-6)

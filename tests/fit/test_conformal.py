@@ -115,3 +115,32 @@ def test_prediction_sets_need_a_calibration():
     with pytest.raises(ValueError, match="no conformal calibration in this model"):
         ee(x, prediction_sets=0.05)
     assert ee(x).prediction_sets is None  # without asking, inference works as before
+
+
+def test_cascade_helpers_stream_from_a_function_of_rows(monkeypatch):
+    """A fit hands the conformal step a function that scores rows on demand (no [K, N, C] held): in chunks
+    smaller than the split, it gives the same quantiles and set quality as the stacked tensor."""
+    probs, targets = _exchangeable(1000, 5)
+    log_probs = torch.tensor(np.stack([probs, probs[::-1].copy()])).log().float()
+    taken = np.random.default_rng(1).choice([-1, 0, 1], size=1000)
+    whole_cal = conformal.calibrate_cascade(["x", "y"], [0, 1], log_probs[:, :500], taken[:500],
+                                            torch.tensor(targets[:500]))
+    whole_q = conformal.cascade_set_quality(whole_cal, ["x", "y"], [0, 1], log_probs[:, 500:], taken[500:],
+                                            torch.tensor(targets[500:]))
+    monkeypatch.setattr(conformal, "CHUNK", 37)
+    asked = []
+
+    def rows_of(offset):
+        def of(k, positions):
+            asked.append(len(positions))
+            return log_probs[k, torch.as_tensor(np.asarray(positions) + offset, dtype=torch.long)]
+        return of
+
+    cal = conformal.calibrate_cascade(["x", "y"], [0, 1], rows_of(0), taken[:500], torch.tensor(targets[:500]))
+    quality = conformal.cascade_set_quality(cal, ["x", "y"], [0, 1], rows_of(500), taken[500:],
+                                            torch.tensor(targets[500:]))
+    assert cal == whole_cal
+    assert max(asked) <= 37  # never more than a chunk of rows at once
+    for alpha, q in whole_q.items():
+        for field, value in vars(q).items():
+            assert getattr(quality[alpha], field) == pytest.approx(value, abs=1e-6), (alpha, field)

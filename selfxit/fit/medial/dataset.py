@@ -208,7 +208,7 @@ class MedialDataset:
         """Backbone softmax for the given rows (all rows when None)."""
         return torch.from_numpy(self.read("probs", np.arange(self.meta.num_samples) if rows is None else rows))
 
-    def top1(self, rows: np.ndarray | None = None, batch_size: int = 4096) -> torch.Tensor:
+    def top1(self, rows: np.ndarray | None = None, batch_size: int = 1024) -> torch.Tensor:
         """The backbone's top-1 class for the given rows, read in chunks."""
         rows = np.arange(self.meta.num_samples) if rows is None else np.asarray(rows)
         parts = [self.teacher(rows[i:i + batch_size]).argmax(1) for i in range(0, len(rows), batch_size)]
