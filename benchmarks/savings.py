@@ -1,7 +1,7 @@
 """More savings at the same tolerance (issue 14): today's default against cascaded, ensembled and
 survivor-aware heads on the shared ResNet-56, certified, measured on the held-back test split.
 
-    .venv/bin/python benchmarks/savings.py [--work DIR] [--seeds 0] [--max-samples 5000]
+    .venv/bin/python benchmarks/savings.py [--work DIR] [--seeds 0] [--max-samples 5000] [--model cifar_resnet56]
                                            [--pieces default,cascade,survivor,all] [--drift] [--json OUT]
 
 The medial dataset is recorded once per (seed, sample count) with selfxit's own ``collect`` and kept
@@ -19,7 +19,16 @@ Pieces (all opt-in ``FitConfig`` fields; see ``selfxit/fit/cascade.py``):
   samples that reach them, alternated with the cascade design on *tune*;
 - ``all``: both (the same as ``survivor``, which includes the cascade);
 - ``cascade_tune_ensemble``: ``cascade=True, ensemble_split="tune"``: the ensemble weights fitted on *tune*;
-- ``cascade_all_heads``: a measurement only: a chain over every trained head.
+- ``cascade_all_heads``: a measurement only: a chain over every trained head;
+- ``mixup``, ``cutmix``, ``jitter``, ``augment_all`` (today's ``FitConfig()`` on a medial dataset recorded with
+  more label-free train rows, :class:`selfxit.fit.augment.AugmentConfig`): one mixup copy, one cutmix copy, colour
+  jitter 0.4 on the copies, or all three, each besides the 2 flip/shift copies of the default; ``copies3``: a
+  third flip/shift copy (as many rows as ``mixup``: more rows, without mixing).
+
+A piece with its own augmentation records its own medial dataset (``medial-s<seed>-n<count>-<augmentation>``) and
+trains its own heads; its rows report ``record_seconds`` and ``heads_seconds`` of that dataset, so
+``enable`` = record + heads + fit for each. ``--model`` picks the shared backbone (``cifar_resnet56``, default, or
+``cifar_resnet20``).
 
 ``--drift`` (part B of the issue, measurement only): fine-tunes a copy of the backbone by KL to the
 original on the train images (frozen BatchNorm statistics, L2-SP, final KL weighted high) and reports
@@ -48,6 +57,7 @@ os.environ.setdefault("NNI_FRAMEWORK", "none")
 import selfxit  # noqa: E402
 from selfxit.evaluate.evaluation import evaluate  # noqa: E402
 from selfxit.fit import cascade as chaining  # noqa: E402
+from selfxit.fit.augment import AugmentConfig  # noqa: E402
 from selfxit.fit.config import FitConfig  # noqa: E402
 from selfxit.fit.medial import MedialDataset  # noqa: E402
 from selfxit.zoo import load_backbone  # noqa: E402
@@ -63,6 +73,17 @@ PIECES["all"] = dict(PIECES["survivor"])
 # every trained head (the members that do not answer run at their counted cost)
 PIECES["cascade_tune_ensemble"] = {"cascade": True, "ensemble_split": "tune"}
 PIECES["cascade_all_heads"] = dict(PIECES["cascade"])
+# label-free augmentation of the train rows (recorded, so each gets its own medial dataset and heads): piece ->
+# AugmentConfig; every other piece records the default (2 flip/shift copies)
+AUGMENTATIONS = {
+    "mixup": AugmentConfig(mixup=1),
+    "cutmix": AugmentConfig(cutmix=1),
+    "jitter": AugmentConfig(jitter=0.4),
+    "augment_all": AugmentConfig(mixup=1, cutmix=1, jitter=0.4),
+    "copies3": AugmentConfig(copies=3),
+}
+for _piece in AUGMENTATIONS:
+    PIECES[_piece] = {}
 
 
 @contextlib.contextmanager
@@ -78,9 +99,17 @@ def variant(piece: str):
 TARGETS = {0.01: 0.80, 0.05: 0.64}  # issue 14, frozen regime: tolerance -> flops_fraction
 
 
-def medial_for(ee, traffic, seed: int, work: Path) -> tuple[MedialDataset, float]:
-    """The medial dataset of ``traffic`` for ``seed``, recorded once into ``work`` (seconds spent recording)."""
-    folder = work / f"medial-s{seed}-n{len(traffic)}"
+def medial_folder(work: Path, model: str, seed: int, count: int, augmentation: AugmentConfig) -> Path:
+    """Where the medial dataset of one (model, seed, sample count, augmentation) is kept."""
+    name = f"medial-s{seed}-n{count}" + ("" if model == "cifar_resnet56" else f"-{model}")
+    if augmentation != AugmentConfig():
+        a = augmentation
+        name += f"-c{a.copies}m{a.mixup}x{a.cutmix}j{a.jitter:g}"
+    return work / name
+
+
+def medial_for(ee, traffic, seed: int, folder: Path, augmentation: AugmentConfig) -> tuple[MedialDataset, float]:
+    """The medial dataset of ``traffic`` for ``seed``, recorded once into ``folder`` (seconds spent recording)."""
     if (folder / "complete").is_file():
         medial = MedialDataset(folder)
         if medial.candidates != [c.name for c in ee.candidates]:
@@ -90,7 +119,7 @@ def medial_for(ee, traffic, seed: int, work: Path) -> tuple[MedialDataset, float
     shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
     loader = torch.utils.data.DataLoader(traffic, batch_size=256)
-    medial = ee.collect(loader, out_dir=folder, seed=seed, progress=False)
+    medial = ee.collect(loader, out_dir=folder, seed=seed, augment_copies=augmentation, progress=False)
     seconds = time.perf_counter() - start
     (folder / "complete").write_text(f"{seconds:.1f}")
     return medial, seconds
@@ -113,21 +142,27 @@ def main() -> None:
     parser.add_argument("--drift-images", type=int, default=3000, help="train images the copy is fine-tuned on")
     parser.add_argument("--drift-layers", default="", help="exit layers of the drift heads (default: the default "
                                                               "piece's exits at 1%%)")
+    parser.add_argument("--model", default="cifar_resnet56", choices=["cifar_resnet56", "cifar_resnet20"])
+    parser.add_argument("--keep-medial", action="store_true",
+                        help="keep the augmented pieces' medial datasets (default: removed after their piece)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pieces = [p for p in args.pieces.split(",") if p]
+    # the pieces on the default medial dataset first (they share its heads), then each augmented one on its own
+    pieces = [p for p in pieces if p not in AUGMENTATIONS] + [p for p in pieces if p in AUGMENTATIONS]
     unknown = sorted(set(pieces) - set(PIECES))
     if unknown:
         raise SystemExit(f"--pieces: unknown {unknown}; choose from {sorted(PIECES)}")
     tolerances = [float(t) for t in args.tolerances.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {"max_samples": args.max_samples, "seeds": {}}
-    model, info = load_backbone("cifar_resnet56")
+    model, info = load_backbone(args.model)
     for seed in [int(s) for s in args.seeds.split(",")]:
         traffic = ImageFolderData(default_traffic_dir(), info, max_samples=args.max_samples, seed=seed)
         ee = selfxit.wrap(model, torch.zeros(1, *info.input_size))
-        medial, record_s = medial_for(ee, traffic, seed, args.work)
+        default_folder = medial_folder(args.work, args.model, seed, len(traffic), AugmentConfig())
+        medial, record_s = medial_for(ee, traffic, seed, default_folder, AugmentConfig())
         print(f"seed {seed}: {len(traffic)} images, medial recorded in {record_s:.0f} s", flush=True)
         if args.record_only:
             continue
@@ -135,7 +170,15 @@ def main() -> None:
         test_loader = torch.utils.data.DataLoader(test, batch_size=64)
         runs = results["seeds"].setdefault(str(seed), {"record_seconds": record_s})
         base: list = []  # the independent heads of the first fit, reused by every piece (as enable would train them)
+        recorded = AugmentConfig()  # the augmentation of the medial dataset ee holds
         for piece in pieces:
+            augmentation = AUGMENTATIONS.get(piece, AugmentConfig())
+            if augmentation != recorded:  # another medial dataset: record it (or read it back) and train its heads
+                folder = medial_folder(args.work, args.model, seed, len(traffic), augmentation)
+                medial, piece_record_s = medial_for(ee, traffic, seed, folder, augmentation)
+                print(f"  {piece}: medial {augmentation} ({medial.meta.num_samples} rows) recorded in "
+                      f"{piece_record_s:.0f} s", flush=True)
+                recorded, base = augmentation, []
             for tolerance in tolerances:
                 if base:
                     ee.set_records(base)
@@ -143,15 +186,21 @@ def main() -> None:
                 with variant(piece):
                     report = ee.fit(tolerance, config=FitConfig(**PIECES[piece]), progress=False)
                 fit_s = time.perf_counter() - start
+                trained_heads = not base
                 if not base:
                     base = [dataclasses.replace(r, threshold=None) for r in ee.records.values()]
-                    runs["heads_seconds"] = fit_s  # training the independent heads, counted once in enable
+                    if augmentation == AugmentConfig():
+                        runs["heads_seconds"] = fit_s  # training the independent heads, counted once in enable
                 result = evaluate(ee, test_loader, latency_samples=args.latency_samples, progress=False)
                 row = {"flops_fraction": result.flops_fraction, "agreement": result.agreement,
                        "accuracy": result.accuracy_early_exit, "accuracy_backbone": result.accuracy_backbone,
                        "latency_b1": result.latency_ratio_b1, "latency_b32": result.latency_ratio_b32,
                        "fit_seconds": fit_s, "exits": {k: v for k, v in result.exit_rates.items()},
-                       "test_recorded": asdict(report.chosen_test) if report.chosen_test else None}
+                       "test_recorded": asdict(report.chosen_test) if report.chosen_test else None,
+                       "augmentation": augmentation.to_dict(), "rows": ee.medial.meta.num_samples,
+                       "trained_heads": trained_heads}
+                if augmentation != AugmentConfig():  # enable = record + heads + fit of this piece's own dataset
+                    row["record_seconds"] = piece_record_s
                 row["per_exit"] = per_exit(ee, test_loader, tolerance)
                 runs[f"{piece}@{tolerance:g}"] = row
                 print(f"  {piece:<9} T={tolerance:<5g} flops {row['flops_fraction']:.3f}  agreement "
@@ -161,6 +210,9 @@ def main() -> None:
                       f"{ {k: round(v, 3) for k, v in row['exits'].items() if v} }", flush=True)
                 print("            per exit (test, hindsight cover at T): " + ", ".join(
                     f"{k} agree {v['agreement']:.3f} cover {v['cover']:.3f}" for k, v in row["per_exit"].items()))
+            if augmentation != AugmentConfig() and not args.keep_medial:
+                medial.close()  # the next piece records its own dataset (the augmented pieces come last)
+                shutil.rmtree(folder, ignore_errors=True)
         if args.drift and seed == int(args.seeds.split(",")[0]):  # part B on the first seed only (it is costly)
             from drift_copy import measure_drift  # benchmarks/drift_copy.py
 

@@ -16,6 +16,7 @@ from selfxit.core.flops import count_flops
 from selfxit.core.provenance import Provenance
 from selfxit.core.runtime import EarlyExitOutput, EarlyExitRunner
 from selfxit.fit import conformal
+from selfxit.fit.augment import AugmentConfig
 from selfxit.fit.config import METHODS, FitConfig
 from selfxit.fit.medial import SHARD_BYTES, MedialDataset
 from selfxit.fit.medial.budget import DEFAULT_ROW_BUDGET
@@ -54,7 +55,8 @@ class EarlyExitModel:
         self._engine = Engine()  # runtime setting (hooks by default) and its bucketed runners
 
     # ---- recording -----------------------------------------------------------------------------
-    def collect(self, data, out_dir: str | Path | None = None, seed: int = 0, augment_copies: int = 2,
+    def collect(self, data, out_dir: str | Path | None = None, seed: int = 0,
+                augment_copies: int | AugmentConfig | dict = 2,
                 batch_size: int = 128, num_workers: int = 0, progress: bool = True, *, heads=None,
                 budget: int | None = DEFAULT_ROW_BUDGET, shard_mb: float = SHARD_BYTES / 2**20,
                 rank_timeout: float | None = None) -> MedialDataset:
@@ -63,6 +65,10 @@ class EarlyExitModel:
 
         ``data`` is a tensor of inputs, a sized Dataset, or a DataLoader over one in a fixed order (batches
         may be ``inputs`` or ``(inputs, labels, ...)``; labels are kept for reporting only).
+
+        ``augment_copies``: the label-free copies of each *train* sample that the backbone labels for
+        distillation: a number of flip/shift copies, or an :class:`~selfxit.fit.augment.AugmentConfig` (or a
+        mapping of its keys) that adds mixup, cutmix and colour jitter. Tune/val/test rows stay clean.
 
         Each candidate stores what its heads consume (:mod:`selfxit.fit.medial.budget`), all together within
         ``budget`` bytes per row (default 512 KiB; None: no cap), checked before anything is recorded.
@@ -76,6 +82,7 @@ class EarlyExitModel:
         each rank records its share (samples ``rank::world``) into the one dataset, rank 0 finishes it, and
         every rank gets it back. ``rank_timeout`` (seconds) bounds the wait for the other ranks.
         """
+        augment_copies = AugmentConfig.coerce(augment_copies)  # a bad setting fails before anything changes
         loader, num_samples = _as_loader(data, batch_size, num_workers)
         if num_samples < 10:
             raise ValueError(f"need at least 10 traffic samples to split train/val/test; got {num_samples}")

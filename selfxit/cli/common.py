@@ -31,6 +31,20 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     weights.add_argument("--random-init", action="store_true", help="an untrained, randomly initialised network")
 
 
+def augment_value(text: str):
+    """``--augment``: a number of flip/shift copies (``2``) or a YAML mapping of the label-free augmentation
+    (``'{copies: 2, mixup: 1, cutmix: 0, jitter: 0.2}'``, :class:`selfxit.fit.augment.AugmentConfig`'s keys)."""
+    import yaml
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"not a number or a YAML mapping: {exc}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, dict)):
+        raise argparse.ArgumentTypeError(f"expected a number of copies (e.g. 2) or a mapping such as "
+                                         f"'{{copies: 2, mixup: 1}}'; got {text!r}")
+    return value
+
+
 def load_backbone(args):
     """(model, ModelInfo) for ``--model`` / ``--weights`` / ``--random-init``."""
     from selfxit.zoo import load_backbone as _load

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from selfxit.cli.common import add_model_args, load_backbone, loader, traffic_data
+from selfxit.cli.common import add_model_args, augment_value, load_backbone, loader, traffic_data
 
 # command-line flag (argparse dest) -> FitConfig field, for the flags a config file can also set
 CONFIG_FLAGS = {"tolerance": "tolerance", "delta": "delta", "max_exits": "max_exits", "gate": "gate"}
@@ -31,7 +31,9 @@ def add_fit_args(p) -> None:
     p.add_argument("--max-exits", type=int, default=None,
                    help="most active exits in the cascade (default: --config's, else 3)")
     p.add_argument("--max-candidates", type=int, default=10)
-    p.add_argument("--augment", type=int, default=2, help="augmented copies of train traffic for distillation")
+    p.add_argument("--augment", type=augment_value, default=2,
+                   help="label-free copies of train traffic for distillation: a number of flip/shift copies, "
+                        "or a YAML mapping, e.g. '{copies: 2, mixup: 1, cutmix: 1, jitter: 0.2}'")
     p.add_argument("--medial-dir", help="keep the medial dataset here (default: temporary, deleted)")
 
 
@@ -68,6 +70,11 @@ def enable(args):
     if args.tolerance is not None and not 0 < args.tolerance < 1:
         raise SystemExit(f"error: --tolerance must be in (0, 1), e.g. 0.01; got {args.tolerance}")
     config = fit_config_from_args(args)  # a bad --config fails before the (slow) model load and collect
+    from selfxit.fit.augment import AugmentConfig, AugmentConfigError
+    try:
+        augmentation = AugmentConfig.coerce(args.augment)  # like --config: before the model load and collect
+    except AugmentConfigError as exc:
+        raise AugmentConfigError(f"--augment: {exc}") from None
     model, info = load_backbone(args)
     dataset = traffic_data(args, info, args.max_samples, args.seed)
     ee = selfxit.wrap(model, torch.zeros(1, *info.input_size), max_candidates=args.max_candidates)
@@ -77,7 +84,7 @@ def enable(args):
         heads = apply_search(ee, args.search)
     medial_dir = Path(args.medial_dir) if args.medial_dir else Path(tempfile.mkdtemp(prefix="selfxit-medial-"))
     try:
-        ee.collect(loader(dataset), out_dir=medial_dir, seed=args.seed, augment_copies=args.augment)
+        ee.collect(loader(dataset), out_dir=medial_dir, seed=args.seed, augment_copies=augmentation)
         ee.fit(config=config if heads is None else config.replace(heads=heads))
     finally:
         if not args.medial_dir:

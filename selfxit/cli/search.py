@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from selfxit.cli.common import add_model_args, load_backbone
+from selfxit.cli.common import add_model_args, augment_value, load_backbone
 from selfxit.extras import require_extra
 
 
@@ -22,7 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-samples", type=int, help="use a seeded random subset of the images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-candidates", type=int, default=10)
-    p.add_argument("--augment", type=int, default=2, help="augmented copies of train traffic for distillation")
+    p.add_argument("--augment", type=augment_value, default=2,
+                   help="label-free copies of train traffic for distillation: a number of flip/shift copies, "
+                        "or a YAML mapping, e.g. '{copies: 2, mixup: 1, cutmix: 1, jitter: 0.2}'")
     p.add_argument("--medial-dir", help="keep the medial dataset here (default: temporary, deleted)")
     p.set_defaults(func=run)
 

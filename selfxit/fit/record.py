@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from selfxit.core.heads import reducer
 from selfxit.core.hooks import split_batch
+from selfxit.fit.augment import AugmentConfig, augment, augmented_copies  # noqa: F401 - augment: re-exported
 from selfxit.fit.medial import SHARD_BYTES, SPLITS, MedialDataset, MedialStoreError, MedialWriter, finalize_medial
 from selfxit.fit.medial.budget import DEFAULT_ROW_BUDGET, plan_storage
 from selfxit.zoo.data import split_indices
@@ -44,21 +45,6 @@ def assign_splits(num_samples: int, seed: int) -> np.ndarray:
     tune = np.random.default_rng(seed + 1).permutation(train)[: int(round(len(train) * TUNE_FRACTION))]
     split[tune] = SPLITS["tune"]
     return split
-
-
-def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 4) -> torch.Tensor:
-    """Label-free image augmentation for distillation data: random horizontal flip and translation."""
-    if x.ndim != 4:
-        return x
-    flip = torch.rand(len(x), generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    padded = torch.nn.functional.pad(x, (shift, shift, shift, shift), mode="reflect")
-    h, w = x.shape[2:]
-    out = torch.empty_like(x)
-    offsets = torch.randint(0, 2 * shift + 1, (len(x), 2), generator=generator)
-    for i, (dy, dx) in enumerate(offsets.tolist()):
-        out[i] = padded[i, :, dy:dy + h, dx:dx + w]
-    return out
 
 
 @contextlib.contextmanager
@@ -142,15 +128,16 @@ class _Ranks:
 
 @torch.no_grad()
 def record(backbone: nn.Module, layers: list[str], shapes: list[tuple[int, ...]], num_classes: int, loader,
-           num_samples: int, out_dir: str | Path, seed: int = 0, augment_copies: int = 2,
+           num_samples: int, out_dir: str | Path, seed: int = 0, augment_copies: int | AugmentConfig | dict = 2,
            progress: bool = True, *, heads=None, budget: int | None = DEFAULT_ROW_BUDGET, dtype: str = "float16",
            shard_bytes: int = SHARD_BYTES, rank_timeout: float | None = None) -> MedialDataset:
     """Run the frozen backbone over ``loader`` and write the medial dataset to ``out_dir`` (folder or fsspec URL).
 
     ``num_samples`` is the whole traffic; ``loader`` yields this process's share in a fixed order: all of it
     (one process), or samples ``rank, rank + world, ...`` under ``torch.distributed``. Train-split samples are
-    also recorded ``augment_copies`` more times under random flips/shifts: the backbone labels them itself,
-    so this adds distillation data without labels. ``heads`` (one spec, {layer: spec}, or 'full') say what
+    also recorded ``augment_copies`` more times under random flips/shifts (an int), or under the copies of an
+    :class:`~selfxit.fit.augment.AugmentConfig` (or a mapping of its keys: mixup, cutmix, colour jitter): the
+    backbone labels them itself, so this adds distillation data without labels; tune/val/test rows stay clean. ``heads`` (one spec, {layer: spec}, or 'full') say what
     each candidate stores (default: full maps when they fit ``budget``, else the default head's input, a 4x4
     grid of conv maps; see :func:`selfxit.fit.medial.budget.plan_storage`); the rows must fit ``budget`` bytes,
     checked before anything is recorded. ``rank_timeout``: seconds a rank waits for the
@@ -158,13 +145,14 @@ def record(backbone: nn.Module, layers: list[str], shapes: list[tuple[int, ...]]
     """
     if backbone.training:
         raise RuntimeError("the backbone must be in eval mode while recording (BatchNorm statistics would move)")
+    augmentation = AugmentConfig.coerce(augment_copies)
     plan = plan_storage(list(layers), [tuple(s) for s in shapes], heads, budget, dtype)  # before anything is written
     ranks = _Ranks(rank_timeout)
     split = assign_splits(num_samples, seed)
     mine = np.arange(ranks.rank, num_samples, ranks.world)
     n_train = int((split == SPLITS["train"]).sum())
     open_writer = functools.partial(
-        MedialWriter, out_dir, list(layers), [tuple(s) for s in shapes], num_samples + augment_copies * n_train,
+        MedialWriter, out_dir, list(layers), [tuple(s) for s in shapes], num_samples + augmentation.rows_per_train_sample * n_train,
         num_classes, seed, reductions=plan.reductions, dtype=dtype, shard_bytes=shard_bytes, num_traffic=num_samples,
         budget=budget, writer="w0" if ranks.world == 1 else f"r{ranks.rank:04d}")
     writer, error = None, None
@@ -198,10 +186,11 @@ def record(backbone: nn.Module, layers: list[str], shapes: list[tuple[int, ...]]
             writer.append([store.pop(name) for name in layers], probs, split[rows], rows, labels_np)
             trim()
             train = split[rows] == SPLITS["train"]
-            for _ in range(augment_copies if train.any() else 0):
-                probs = backbone(augment(x[torch.from_numpy(train)], generator).to(device)).softmax(dim=1)
+            for copy, mixed in augmented_copies(x[torch.from_numpy(train)], generator, augmentation) \
+                    if train.any() else ():
+                probs = backbone(copy.to(device)).softmax(dim=1)  # the backbone labels the copy itself
                 writer.append([store.pop(name) for name in layers], probs, split[rows][train], rows[train],
-                              labels_np[train])
+                              np.full(int(train.sum()), -1) if mixed else labels_np[train])
                 trim()
             seen += len(x)
             bar.update(len(x))

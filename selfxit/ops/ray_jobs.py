@@ -42,9 +42,11 @@ class _ChunkRecorder:
 
     def __call__(self, batch: dict) -> dict:
         from selfxit.core.heads import reducer
+        from selfxit.fit.augment import AugmentConfig, augmented_copies
         from selfxit.fit.medial import MedialWriter
-        from selfxit.fit.record import augment, reducing_capture
+        from selfxit.fit.record import reducing_capture
         p = self.plan
+        augmentation = AugmentConfig(**p["augment"])
         layers, shapes = p["layers"], [tuple(s) for s in p["shapes"]]
         reducers = [reducer(s, r) for s, r in zip(shapes, p["reductions"])]
         split = np.asarray(p["split"])
@@ -62,31 +64,34 @@ class _ChunkRecorder:
                 probs = self.backbone(x).softmax(dim=1)
                 writer.append([store.pop(n) for n in layers], probs, split[rows], rows, labels)
                 train = split[rows] == p["train_code"]
-                for _ in range(p["augment_copies"] if train.any() else 0):
-                    probs = self.backbone(augment(x[torch.from_numpy(train)], generator)).softmax(dim=1)
+                for copy, _mixed in augmented_copies(x[torch.from_numpy(train)], generator, augmentation) \
+                        if train.any() else ():
+                    probs = self.backbone(copy).softmax(dim=1)
                     writer.append([store.pop(n) for n in layers], probs, split[rows][train], rows[train], labels[train])
                 writer.close(finalize=False)
             done.append(writer.filled)
         return {"rows": np.asarray(done)}
 
 
-def augment_states(split: np.ndarray, seed: int, augment_copies: int) -> list[tuple[int, np.ndarray]]:
+def augment_states(split: np.ndarray, seed: int, augment_copies) -> list[tuple[int, np.ndarray]]:
     """(first row, augmentation generator state) of every chunk: the state the single-process recorder's one
-    generator has when it reaches that batch, found by drawing what :func:`selfxit.fit.record.augment` draws
-    for each earlier batch (it depends only on the batch's train rows), so the augmented copies are the same."""
+    generator has when it reaches that batch, found by drawing what :func:`selfxit.fit.augment.augmented_copies`
+    draws for each earlier batch (it depends only on the number of the batch's train rows), so the augmented
+    copies are the same. ``augment_copies``: an int or :class:`~selfxit.fit.augment.AugmentConfig`."""
+    from selfxit.fit.augment import AugmentConfig, augmented_copies
     from selfxit.fit.medial import SPLITS
-    from selfxit.fit.record import augment
+    augmentation = AugmentConfig.coerce(augment_copies)
     generator = torch.Generator().manual_seed(seed)  # EarlyExitModel.collect's (one process: rank 0)
     out = []
     for start in range(0, len(split), CHUNK):
         out.append((start, generator.get_state().numpy().copy()))
         train = int((split[start:start + CHUNK] == SPLITS["train"]).sum())
-        for _ in range(augment_copies if train else 0):
-            augment(torch.zeros(train, 1, 9, 9), generator)  # the draws of a batch of this many train rows
+        for _ in augmented_copies(torch.zeros(train, 3, 9, 9), generator, augmentation) if train else ():
+            pass  # the draws of a batch of this many train rows
     return out
 
 
-def record(candidate, inputs: torch.Tensor, out_dir: str | Path, seed: int = 0, augment_copies: int = 2,
+def record(candidate, inputs: torch.Tensor, out_dir: str | Path, seed: int = 0, augment_copies=2,
            workers: int = 2, cpus_per_worker: float = 1.0, threads: int = 1):
     """The medial dataset of ``inputs`` for ``candidate`` (an EarlyExitModel), recorded by ``workers`` backbone
     actors; the same candidates, storage plan, splits and row order as ``candidate.collect`` (default heads)."""
@@ -101,18 +106,20 @@ def record(candidate, inputs: torch.Tensor, out_dir: str | Path, seed: int = 0, 
         raise ValueError(f"need at least 10 traffic samples to split train/val/test; got {n}")
     layers, shapes = [c.name for c in candidate.candidates], [tuple(c.shape) for c in candidate.candidates]
     storage = plan_storage(layers, shapes, None, DEFAULT_ROW_BUDGET, "float16")
+    from selfxit.fit.augment import AugmentConfig
+    augmentation = AugmentConfig.coerce(augment_copies)
     split = assign_splits(n, seed)
-    total = n + augment_copies * int((split == SPLITS["train"]).sum())
+    total = n + augmentation.rows_per_train_sample * int((split == SPLITS["train"]).sum())
     plan = {"root": str(out_dir), "layers": layers, "shapes": shapes, "reductions": storage.reductions,
             "num_samples": total, "num_classes": candidate.num_classes, "seed": seed, "dtype": "float16",
-            "num_traffic": n, "budget": DEFAULT_ROW_BUDGET, "split": split.tolist(), "augment_copies": augment_copies,
+            "num_traffic": n, "budget": DEFAULT_ROW_BUDGET, "split": split.tolist(), "augment": augmentation.to_dict(),
             "train_code": SPLITS["train"]}
     creator = MedialWriter(out_dir, layers, shapes, total, candidate.num_classes, seed, reductions=storage.reductions,
                            writer="driver", num_traffic=n, budget=DEFAULT_ROW_BUDGET)  # creates the dataset
     creator.close(finalize=False)
     model_ref, inputs_ref = ray.put(candidate.backbone), ray.put(inputs.float().contiguous().numpy())
     chunks = ray.data.from_items([{"start": s, "state": state} for s, state in augment_states(split, seed,
-                                                                                           augment_copies)])
+                                                                                           augmentation)])
     out = chunks.map_batches(_ChunkRecorder, batch_size=1, concurrency=workers, num_cpus=cpus_per_worker,
                              fn_constructor_args=([model_ref], [inputs_ref], plan, threads))
     written = int(sum(int(b["rows"]) for b in out.iter_rows()))

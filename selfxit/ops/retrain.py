@@ -43,6 +43,7 @@ from selfxit.api import EarlyExitModel, load, wrap
 from selfxit.core.atomic import remove_stale_work_dirs, work_dir
 from selfxit.core.provenance import RetrainProvenance
 from selfxit.evaluate.evaluation import evaluate
+from selfxit.fit.augment import AugmentConfig
 from selfxit.fit.distill import DistillConfig
 from selfxit.ops.signals import raise_on_signals
 from selfxit.ops.traffic import TrafficLog, record_input
@@ -75,7 +76,7 @@ class RetrainConfig:
     max_exits: int = 3
     min_records: int = 200
     seed: int = 0
-    augment_copies: int = 2
+    augment_copies: int | AugmentConfig | dict = 2  # flip/shift copies, or AugmentConfig (mixup, cutmix, jitter)
     epochs: int = 10  # warm-started heads need fewer epochs than fresh ones
     keep: int = 5  # published versions kept
     work_dir: str | Path | None = None  # parent of the run's working folder; default BUNDLES/.work
@@ -92,6 +93,7 @@ class RetrainConfig:
             raise ValueError(f"min_records must be at least 20; got {self.min_records}")
         if self.ray_workers < 0:
             raise ValueError(f"ray_workers must be >= 0; got {self.ray_workers}")
+        self.augment_copies = AugmentConfig.coerce(self.augment_copies)
 
 
 @dataclass

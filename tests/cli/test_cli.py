@@ -132,6 +132,19 @@ def test_enable_bad_config_fails_before_loading_anything(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def test_enable_bad_augmentation_fails_before_loading_anything(tmp_path, capsys):
+    from selfxit.cli import main
+    base = ["enable", "--model", "resnet_does_not_exist", "--data", str(tmp_path), "--out", str(tmp_path / "b")]
+    assert main([*base, "--augment", "{copies: 2, mixup: -1}"]) == 2
+    assert "--augment: augment mixup must be an int in [0, 16]" in capsys.readouterr().err
+    assert main([*base, "--augment", "{copies: 2, blur: 1}"]) == 2
+    assert "unknown keys ['blur']" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(SystemExit):  # neither a number nor a mapping: argparse refuses it
+        main([*base, "--augment", "strong"])
+    assert "--augment" in capsys.readouterr().err
+
+
 def test_no_arguments_runs_demo(monkeypatch):
     import selfxit.cli.demo
     from selfxit.cli import main
