@@ -14,6 +14,7 @@ certified scale: calibration and selection use disjoint samples.
 from __future__ import annotations
 
 import ctypes
+from typing import Callable
 
 import numpy as np
 import torch
@@ -71,11 +72,11 @@ def _release_freed_memory() -> None:
             _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
         except (OSError, AttributeError):
             _TRIM = False
-    if _TRIM:
+    if callable(_TRIM):
         _TRIM(0)
 
 
-_TRIM = None
+_TRIM: Callable[[int], int] | bool | None = None  # libc's malloc_trim, False where there is none
 
 
 def _warm(head: nn.Module, warm: nn.Module | None) -> None:
