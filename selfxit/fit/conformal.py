@@ -36,19 +36,22 @@ def calibrate(exit_probs: dict[str, np.ndarray], exit_targets: dict[str, np.ndar
     ``exit_probs[layer]`` [n, C]: the exit's calibrated probabilities for those samples;
     ``exit_targets[layer]`` [n]: the backbone's top-1 for them.
     """
-    alphas = [_check_alpha(a) for a in alphas]
-    quantiles: dict[str, dict[str, float]] = {str(a): {} for a in alphas}
-    counts = {}
+    scores = {}
     for layer, probs in exit_probs.items():
         probs = np.asarray(probs, dtype=np.float64)
         targets = np.asarray(exit_targets[layer], dtype=np.int64)
         if probs.shape[:1] != targets.shape:
             raise ValueError(f"exit {layer!r}: {probs.shape[0]} probability rows for {len(targets)} targets")
-        scores = 1.0 - probs[np.arange(len(targets)), targets] if len(targets) else np.zeros(0)
-        counts[layer] = int(len(targets))
-        for a in alphas:
-            quantiles[str(a)][layer] = conformal_quantile(scores, a)
-    return ConformalCalibration(alphas, quantiles, counts)
+        scores[layer] = 1.0 - probs[np.arange(len(targets)), targets] if len(targets) else np.zeros(0)
+    return _from_scores(scores, alphas)
+
+
+def _from_scores(scores: dict[str, np.ndarray], alphas) -> ConformalCalibration:
+    """Quantiles per exit from each exit's nonconformity scores (``1 - p(backbone's class)``) of the
+    calibration samples that left there: the one place both calibrations turn scores into quantiles."""
+    alphas = [_check_alpha(a) for a in alphas]
+    quantiles = {str(a): {layer: conformal_quantile(s, a) for layer, s in scores.items()} for a in alphas}
+    return ConformalCalibration(alphas, quantiles, {layer: int(len(s)) for layer, s in scores.items()})
 
 
 LogProbs = Union[torch.Tensor, Callable[[int, np.ndarray], torch.Tensor]]
@@ -124,19 +127,13 @@ def calibrate_cascade(layers: list[str], active: list[int], log_probs: LogProbs,
     of = _rows_of(log_probs)
     taken = np.asarray(taken)
     top1 = np.asarray(backbone_top1)
-    alphas = [_check_alpha(a) for a in alphas]
-    quantiles: dict[str, dict[str, float]] = {str(a): {} for a in alphas}
-    counts = {}
+    scores = {}
     for k in active:
         rows = np.flatnonzero(taken == k)
-        scores = [1.0 - of(k, rows[i:i + CHUNK]).exp().double().numpy()[np.arange(len(rows[i:i + CHUNK])),
-                                                                            top1[rows[i:i + CHUNK]]]
-                  for i in range(0, len(rows), CHUNK)]
-        flat = np.concatenate(scores) if scores else np.zeros(0)
-        counts[layers[k]] = int(len(rows))
-        for a in alphas:
-            quantiles[str(a)][layers[k]] = conformal_quantile(flat, a)
-    return ConformalCalibration(alphas, quantiles, counts)
+        parts = [1.0 - of(k, part).exp().double().numpy()[np.arange(len(part)), top1[part]]
+                 for part in (rows[i:i + CHUNK] for i in range(0, len(rows), CHUNK))]
+        scores[layers[k]] = np.concatenate(parts) if parts else np.zeros(0)
+    return _from_scores(scores, alphas)
 
 
 def cascade_set_quality(calibration: ConformalCalibration, layers: list[str], active: list[int],
