@@ -11,20 +11,22 @@ def fit_temperature(logits: torch.Tensor, backbone_top1: torch.Tensor, max_iter:
 
     After scaling, a head's max-softmax estimates the chance that it agrees with the backbone. Each LBFGS
     step sums the loss over ``chunk`` rows at a time, so its temporaries stay [chunk, classes] however many
-    rows there are (the same loss; one chunk when there are at most ``chunk`` rows).
+    rows there are (the same loss; one chunk when there are at most ``chunk`` rows). The loss is computed
+    in float64: the NLL is flat near its minimum, and in float32 its rounding moved the optimum by up to
+    1e-3 relative with the summation order (chunked or not), enough to flip a threshold design downstream.
     """
     if len(logits) == 0:
         return 1.0
-    log_t = torch.zeros((), requires_grad=True)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
-    logits, target = logits.detach().float(), backbone_top1.long()
+    logits, target = logits.detach(), backbone_top1.long()
     n = len(logits)
 
     def closure():
         optimizer.zero_grad()
-        total = torch.zeros(())
+        total = torch.zeros((), dtype=torch.float64)
         for start in range(0, n, chunk):
-            part = F.cross_entropy(logits[start:start + chunk] / log_t.exp(), target[start:start + chunk],
+            part = F.cross_entropy(logits[start:start + chunk].double() / log_t.exp(), target[start:start + chunk],
                                    reduction="sum" if n > chunk else "mean")
             if n > chunk:
                 part = part / n
