@@ -241,6 +241,35 @@ def _fmt(v, spec=".4f"):
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
 
 
+def plot_windows(rows: list[dict], path: Path, window: int, shift_at: int, tolerance: float) -> None:
+    """Live agreement per window, guard on against off, one panel per shift, with the shift, each alarm and the
+    target line (1 - T - 0.01) marked: where a reader would rather look than read the window lists."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shifts = list(dict.fromkeys(r["shift"] for r in rows))
+    fig, axes = plt.subplots(len(shifts), 1, figsize=(9, 3.2 * len(shifts)), squeeze=False)
+    for ax, shift in zip(axes[:, 0], shifts):
+        for r in (r for r in rows if r["shift"] == shift):
+            starts = np.arange(len(r["windows"])) * window
+            off = r["run"] == "off"  # drawn wide and pale: until the alarm both serve the same answers
+            ax.step(starts, r["windows"], where="post", label=f"guard {r['run']}", linewidth=3 if off else 1.2,
+                    color="silver" if off else None)
+            if r.get("alarm_item") is not None:
+                ax.axvline(r["alarm_item"], linestyle=":", linewidth=1, color=ax.lines[-1].get_color())
+        ax.axvline(shift_at, color="black", linewidth=1, label="shift")
+        ax.axhline(1 - tolerance - 0.01, color="red", linestyle="--", linewidth=1, label="target 1 - T - 0.01")
+        ax.set(title=f"{shift}: agreement with the backbone per {window} items (dotted: alarms)", xlabel="item",
+               ylabel="agreement")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, help="a certified bundle (default: build the ResNet-56 5%% one)")
@@ -263,7 +292,23 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
     p.add_argument("--json-out", type=Path, help="also write the measured figures here")
+    p.add_argument("--plot", type=Path, help="draw agreement per window, guard on and off, into this PNG")
+    p.add_argument("--plot-from", type=Path, nargs="+", help="only draw --plot from these --json-out files "
+                                                             "(no server is run)")
     args = p.parse_args(argv)
+    if args.plot_from:
+        if not args.plot:
+            p.error("--plot-from needs --plot PNG")
+        rows, tolerance = [], 0.05
+        for f in args.plot_from:
+            d = json.loads(f.read_text())
+            rows += d["rows"]
+            settings = d.get("settings", {})
+            tolerance = settings.get("tolerance", tolerance)
+            args.window, args.shift_at = settings.get("window", args.window), settings.get("shift_at", args.shift_at)
+        plot_windows(rows, args.plot, args.window, args.shift_at, tolerance)
+        print(f"wrote {args.plot}")
+        return
     quiet_libraries()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     work = args.work or Path(tempfile.mkdtemp(prefix="live_guard-"))
@@ -391,7 +436,12 @@ def main(argv=None) -> None:
           f"disagreement at the certified scale {clean_drop:.4f}")
     if args.json_out:
         args.json_out.write_text(json.dumps({"rows": rows, "shifts": results, "clean_alarms": alarms,
-                                             "clean_fed": fed, "clean_drop": clean_drop}, indent=1))
+                                             "clean_fed": fed, "clean_drop": clean_drop,
+                                             "settings": {"tolerance": tol, "window": args.window,
+                                                          "shift_at": args.shift_at, "scale": ee.family.scale}},
+                                            indent=1))
+    if args.plot:
+        plot_windows(rows, args.plot, args.window, args.shift_at, tol)
 
 
 if __name__ == "__main__":

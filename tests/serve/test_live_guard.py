@@ -95,3 +95,17 @@ def test_guard_refuses_what_it_cannot_guard():
         GuardConfig(alpha=1.5)
     with pytest.raises(ValueError, match="--guard-max-shadow"):
         GuardConfig(base_shadow=0.1, max_shadow=0.05)
+
+
+def test_benchmark_redraws_its_figure_from_its_json(tmp_path):
+    """`benchmarks/live_guard.py --plot-from`: the windows figure from a results file, no server run."""
+    import json
+
+    import benchmark_scripts
+
+    rows = [{"shift": "blur", "run": "off", "windows": [0.97, 0.92, 0.91]},
+            {"shift": "blur", "run": "on@0.1", "windows": [0.97, 0.92, 0.96], "alarm_item": 1200}]
+    results = tmp_path / "run.json"
+    results.write_text(json.dumps({"rows": rows, "settings": {"tolerance": 0.05, "window": 500, "shift_at": 500}}))
+    benchmark_scripts.load("live_guard").main(["--plot", str(tmp_path / "w.png"), "--plot-from", str(results)])
+    assert (tmp_path / "w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
