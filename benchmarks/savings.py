@@ -20,10 +20,13 @@ Pieces (all opt-in ``FitConfig`` fields; see ``selfxit/fit/cascade.py``):
 - ``all``: both (the same as ``survivor``, which includes the cascade);
 - ``cascade_tune_ensemble``: ``cascade=True, ensemble_split="tune"``: the ensemble weights fitted on *tune*;
 - ``cascade_all_heads``: a measurement only: a chain over every trained head;
+- ``cap3``, ``cap5``, ``uncapped``: today's ``FitConfig()`` with at most 3 or 5 active exits, or no cap (the
+  default is 4);
 - ``mixup``, ``cutmix``, ``jitter``, ``augment_all`` (today's ``FitConfig()`` on a medial dataset recorded with
   more label-free train rows, :class:`selfxit.fit.augment.AugmentConfig`): one mixup copy, one cutmix copy, colour
   jitter 0.4 on the copies, or all three, each besides the 2 flip/shift copies of the default; ``copies3``: a
-  third flip/shift copy (as many rows as ``mixup``: more rows, without mixing).
+  third flip/shift copy (as many rows as ``mixup``: more rows, without mixing); ``augment_all_cap3``,
+  ``augment_all_uncapped``: ``augment_all`` with at most 3 exits or no cap.
 
 A piece with its own augmentation records its own medial dataset (``medial-s<seed>-n<count>-<augmentation>``) and
 trains its own heads; its rows report ``record_seconds`` and ``heads_seconds`` of that dataset, so
@@ -73,6 +76,10 @@ PIECES["all"] = dict(PIECES["survivor"])
 # every trained head (the members that do not answer run at their counted cost)
 PIECES["cascade_tune_ensemble"] = {"cascade": True, "ensemble_split": "tune"}
 PIECES["cascade_all_heads"] = dict(PIECES["cascade"])
+# the cap on active exits (FitConfig.max_exits, default 4): the old default, one more, and none
+PIECES["cap3"] = {"max_exits": 3}
+PIECES["cap5"] = {"max_exits": 5}
+PIECES["uncapped"] = {"max_exits": None}
 # label-free augmentation of the train rows (recorded, so each gets its own medial dataset and heads): piece ->
 # AugmentConfig; every other piece records the default (2 flip/shift copies)
 AUGMENTATIONS = {
@@ -84,6 +91,9 @@ AUGMENTATIONS = {
 }
 for _piece in AUGMENTATIONS:
     PIECES[_piece] = {}
+# the three augmentations with another cap on active exits (with --keep-medial they reuse augment_all's heads)
+AUGMENTATIONS["augment_all_cap3"] = AUGMENTATIONS["augment_all_uncapped"] = AUGMENTATIONS["augment_all"]
+PIECES["augment_all_cap3"], PIECES["augment_all_uncapped"] = {"max_exits": 3}, {"max_exits": None}
 
 
 @contextlib.contextmanager

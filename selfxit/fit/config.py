@@ -6,7 +6,7 @@ fields of :class:`~selfxit.fit.distill.DistillConfig` and :class:`~selfxit.fit.g
     tolerance: 0.01          # allowed agreement drop against the backbone
     method: certified        # certified | joint | paper
     delta: 0.1               # the promise holds with probability >= 1 - delta
-    max_exits: 3
+    max_exits: 4             # at most this many active exits (null: no cap)
     gate: confidence         # confidence | learned
     heads: null              # one head spec for every layer, or {layer: spec}; null: the default head
     near_chance_margin: 0.05 # heads within this of the majority-class rate are discarded (-1: keep all)
@@ -48,7 +48,7 @@ class FitConfig:
     tolerance: float = 0.01
     method: str = "certified"
     delta: float = 0.1
-    max_exits: int | None = 3
+    max_exits: int | None = 4  # why 4: see the README's core-targets section (3 seeds, 3 vs 4 vs 5 vs no cap)
     gate: str = "confidence"
     heads: dict | None = None
     near_chance_margin: float = 0.05
