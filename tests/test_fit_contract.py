@@ -71,6 +71,23 @@ def test_fit_config_round_trips_through_yaml(tmp_path):
     assert FitConfig.from_file(path) == several
 
 
+def test_the_documented_config_file_is_the_default_config():
+    """The YAML example in selfxit.fit.config's docstring states the defaults (max_exits 4, not the old 3)."""
+    import re
+
+    import yaml
+
+    from selfxit.fit import config as config_module
+    documented = {}
+    for line in config_module.__doc__.splitlines():
+        match = re.match(r"^    (\w+): (.+?)\s*(#.*)?$", line)
+        if match and match.group(1) != "gate_config":  # its example is abridged ("...")
+            documented[match.group(1)] = yaml.safe_load(match.group(2))
+    assert {"tolerance", "max_exits", "design_factor", "distill"} <= set(documented)
+    assert FitConfig.from_dict(documented) == FitConfig()
+    assert FitConfig().max_exits == 4
+
+
 @pytest.mark.parametrize("raw, match", [
     ({"tolerence": 0.01}, "unknown keys \\['tolerence'\\]"),
     ({"tolerance": 2}, "tolerance must be in \\(0, 1\\)"),
