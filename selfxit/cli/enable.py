@@ -29,7 +29,7 @@ def add_fit_args(p) -> None:
     p.add_argument("--delta", type=float, default=None,
                    help="1 - confidence level of the tolerance promise (default: --config's, else 0.1)")
     p.add_argument("--max-exits", type=int, default=None,
-                   help="most active exits in the cascade (default: --config's, else 3)")
+                   help="most active exits in the cascade (default: --config's, else 4)")
     p.add_argument("--max-candidates", type=int, default=10)
     p.add_argument("--augment", type=augment_value, default=2,
                    help="label-free copies of train traffic for distillation: a number of flip/shift copies, "
