@@ -180,7 +180,7 @@ def main() -> None:
         test_loader = torch.utils.data.DataLoader(test, batch_size=64)
         runs = results["seeds"].setdefault(str(seed), {"record_seconds": record_s})
         base: list = []  # the independent heads of the first fit, reused by every piece (as enable would train them)
-        recorded = AugmentConfig()  # the augmentation of the medial dataset ee holds
+        recorded: AugmentConfig | None = AugmentConfig()  # the augmentation of the medial dataset ee holds
         for piece in pieces:
             augmentation = AUGMENTATIONS.get(piece, AugmentConfig())
             if augmentation != recorded:  # another medial dataset: record it (or read it back) and train its heads
@@ -223,6 +223,7 @@ def main() -> None:
             if augmentation != AugmentConfig() and not args.keep_medial:
                 medial.close()  # the next piece records its own dataset (the augmented pieces come last)
                 shutil.rmtree(folder, ignore_errors=True)
+                recorded = None  # gone: a next piece with the same augmentation records it again
         if args.drift and seed == int(args.seeds.split(",")[0]):  # part B on the first seed only (it is costly)
             from drift_copy import measure_drift  # benchmarks/drift_copy.py
 
