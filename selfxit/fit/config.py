@@ -16,7 +16,7 @@ fields of :class:`~selfxit.fit.distill.DistillConfig` and :class:`~selfxit.fit.g
     cascade: false           # chain the designed exits: cascade connections + ensembles (selfxit.fit.cascade)
     survivor_rounds: 0       # with cascade: rounds of survivor-aware distillation, designed on 'tune'
     ensemble_split: train    # with cascade: where the chain's ensemble weights are fitted (train | tune)
-    distill: {epochs: 15, batch_size: 256, lr: 0.005, weight_decay: 0.0005, seed: 0}
+    distill: {epochs: 15, batch_size: 256, lr: 0.005, weight_decay: 0.0005, seed: 0, temperature: 1.0}
     gate_config: {lam: inf, hidden: 0, ...}
 
 Every key is validated here, at the boundary, and errors name the key.

@@ -32,11 +32,15 @@ class DistillConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     memory_mb: float = 64.0  # training features (and teacher) per head held in memory up to this; beyond: streamed
+    # KD temperature: KL between both softmaxes at this temperature, times its square (Hinton et al.). 2 and 4 were
+    # measured on the shared ResNet-56 and did not pay (README, "More savings"), so the default stays 1.
+    temperature: float = 1.0
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0 or self.memory_mb < 0:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0 or self.memory_mb < 0 \
+                or not self.temperature > 0:
             raise ValueError(f"invalid DistillConfig {self}: epochs and batch_size >= 1, lr > 0, weight_decay >= 0, "
-                             "memory_mb >= 0")
+                             "memory_mb >= 0, temperature > 0")
 
 
 @contextlib.contextmanager
@@ -120,7 +124,8 @@ def distill_head(head: nn.Sequential, medial: MedialDataset, candidate: str, row
 def train_body(body: nn.Module, features, teacher, config: DistillConfig, name: str = "head", progress: bool = True,
                weights: torch.Tensor | None = None) -> nn.Module:
     """The distillation loop: ``body(features[batch])`` to ``teacher[batch]`` by KL (AdamW, one-cycle schedule,
-    one seeded permutation per epoch). ``features`` and ``teacher`` index like tensors (:class:`StoredRows`).
+    one seeded permutation per epoch; both softmaxes at ``config.temperature``). ``features`` and ``teacher``
+    index like tensors (:class:`StoredRows`).
 
     ``weights`` [rows] (e.g. survivor-aware distillation, :mod:`selfxit.fit.cascade`) weight each row's KL;
     a batch's loss is then ``sum(w * kl) / sum(w)``. Without them every row counts the same ("batchmean").
@@ -130,6 +135,7 @@ def train_body(body: nn.Module, features, teacher, config: DistillConfig, name: 
     optimizer = torch.optim.AdamW(body.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps_per_epoch)
+    tau = float(config.temperature)
     body.train()
     bar = tqdm(range(config.epochs), desc=f"distill {name}", leave=False, disable=not progress)
     for _ in bar:
@@ -137,13 +143,17 @@ def train_body(body: nn.Module, features, teacher, config: DistillConfig, name: 
         total = 0.0
         for start in range(0, n, config.batch_size):
             batch = order[start:start + config.batch_size]
-            log_student = F.log_softmax(body(features[batch]), dim=1)
+            logits = body(features[batch])
+            log_student = F.log_softmax(logits if tau == 1 else logits / tau, dim=1)
+            target = teacher[batch] if tau == 1 else soften(teacher[batch], tau)
             if weights is None:
-                loss = F.kl_div(log_student, teacher[batch], reduction="batchmean")
+                loss = F.kl_div(log_student, target, reduction="batchmean")
             else:
                 w = weights[batch]
-                per_row = F.kl_div(log_student, teacher[batch], reduction="none").sum(1)
+                per_row = F.kl_div(log_student, target, reduction="none").sum(1)
                 loss = (w * per_row).sum() / w.sum().clamp_min(1e-12)
+            if tau != 1:
+                loss = loss * tau ** 2  # keeps the gradients' scale independent of the temperature
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -152,6 +162,13 @@ def train_body(body: nn.Module, features, teacher, config: DistillConfig, name: 
         bar.set_postfix(kl=f"{total / n:.4f}")
     body.eval()
     return body
+
+
+def soften(probs: torch.Tensor, tau: float) -> torch.Tensor:
+    """The teacher's softmax at temperature ``tau`` from its stored softmax: ``softmax(log p / tau)`` (each row's
+    log-sum-exp cancels, so the logits are not needed). A probability stored as 0 (float16 underflow) is taken
+    as 1e-30, which stays negligible at any temperature under about 5."""
+    return torch.softmax(probs.clamp_min(1e-30).log() / tau, dim=1)
 
 
 def head_logit_chunks(head: nn.Module, medial: MedialDataset, candidate: str, rows: np.ndarray,
