@@ -13,8 +13,12 @@ Parts (each prints its table; ``--parts`` picks some):
 - ``lite``: EfficientNet-Lite0 with its ImageNet weights on the 1,000 shared photos: collect (default
   augmented copies), fit at tolerance 1% and 5%, evaluate on the held-back test split (flops_fraction,
   agreement, top-1 against the file names' classes, latency ratios at batch 1 and 32), fit time; bundles saved.
+  The shared photos hold one photo per ImageNet class, so no head learns the classes of the val/test photos and
+  no exit is certified. ``--lite-data DIR`` runs the same part on another image folder instead (a seeded
+  ``--lite-images`` of its images, resized to 224 like any photo, no top-1: its folders are not ImageNet
+  classes), e.g. the shared CIFAR-10 photos, on which the backbone's answers repeat across images.
 - ``serve``: ``benchmarks/load_test.py`` on the 5% bundle against the same server with ``--plain``, at 8 and
-  32 clients, one photo per request, as a raw image/jpeg body and as multipart.
+  32 clients, one photo per request (from the lite part's folder), as a raw image/jpeg body and as multipart.
 - ``rss``: peak RSS of collect and of fit, each in a fresh subprocess, at 2,000 and 8,000 images (the 1,000
   photos replayed, every replay flipped and shifted), on ``--rss-model`` (default mobilenet_v3_small, random
   init: memory is the point here, and at 0.03 s per image 10,000 forwards fit the time). Fit runs 2 epochs
@@ -78,6 +82,20 @@ class Labelled(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.images[i][0], i
+
+
+class Unlabelled(torch.utils.data.Dataset):
+    """``images`` photos of another image folder (a seeded subset), label -1: its folders are not ImageNet
+    classes, so the evaluation reports no top-1."""
+
+    def __init__(self, info, root: Path, images: int, seed: int):
+        self.images = ImageFolderData(root, info, max_samples=images, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i][0], -1
 
 
 class Replay(torch.utils.data.Dataset):
@@ -147,13 +165,18 @@ def cost(name: str, images: int, batch_size: int) -> dict:
 
 
 # ---- lite ---------------------------------------------------------------------------------------------------
-def lite(out: Path, batch_size: int, seed: int, images: int, reuse: bool, fit_settings: dict) -> dict:
-    """EfficientNet-Lite0 pretrained on the photos: collect (or reuse ``out/medial``), fit at 1% and 5%, evaluate
-    on the test split, save the bundles that kept a head."""
+def lite(out: Path, batch_size: int, seed: int, images: int, reuse: bool, fit_settings: dict,
+         root: Path = PHOTOS) -> dict:
+    """EfficientNet-Lite0 pretrained on the photos under ``root`` (the shared ImageNet photos, or another image
+    folder): collect (or reuse ``out/medial``), fit at 1% and 5%, evaluate on the test split, save the bundles
+    that kept a head."""
     from selfxit.evaluate.evaluation import evaluate
     from selfxit.fit.medial import MedialDataset
     model, info = load_lite0()
-    data = torch.utils.data.Subset(Labelled(info), range(min(images, len(Labelled(info)))))
+    if root == PHOTOS:
+        data = torch.utils.data.Subset(Labelled(info), range(min(images, len(Labelled(info)))))
+    else:
+        data = Unlabelled(info, root, images, seed)
     ee = selfxit.wrap(model, torch.zeros(1, *info.input_size))
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=1)
     if reuse and (out / "medial").is_dir():
@@ -170,14 +193,15 @@ def lite(out: Path, batch_size: int, seed: int, images: int, reuse: bool, fit_se
         runs[str(tolerance)] = {"fit_s": fit_s, "bundle": str(bundle), "exits": list(ee.thresholds),
                                 "evaluation": asdict(result),
                                 "head_agreement": {h.layer: h.agreement for h in ee.report.heads}}
-    return {"collect_s": collect_s, "images": len(data), "rows": len(ee.medial.split), "runs": runs}
+    return {"collect_s": collect_s, "images": len(data), "rows": len(ee.medial.split), "runs": runs,
+            "data": str(root)}
 
 
 # ---- serve --------------------------------------------------------------------------------------------------
-def serve(bundle: Path, requests: int, raw: bool) -> dict:
-    """load_test.py on the bundle against --plain (its JSON line)."""
+def serve(bundle: Path, requests: int, raw: bool, root: Path = PHOTOS) -> dict:
+    """load_test.py on the bundle against --plain (its JSON line), one photo of ``root`` per request."""
     cmd = [sys.executable, str(HERE / "load_test.py"), "--bundle", str(bundle), "--model", LITE,
-           "--launcher", str(HERE / "lite_server.py"), "--data", str(PHOTOS), "--concurrency", "8,32",
+           "--launcher", str(HERE / "lite_server.py"), "--data", str(root), "--concurrency", "8,32",
            "--requests", str(requests), "--warmup", "16", "--max-seconds", "240", "--json", *(["--raw"] if raw else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -257,14 +281,16 @@ def table(results: dict) -> str:
                          f"({r['images']} photos, batch {r['batch_size']}) |")
     if "lite" in results:
         lite_r = results["lite"]
-        lines += ["", f"EfficientNet-Lite0 (pretrained), {lite_r['images']} photos, collect {lite_r['collect_s']:.0f} s, "
+        lines += ["", f"EfficientNet-Lite0 (pretrained), {lite_r['images']} photos of {lite_r.get('data', PHOTOS)}, collect {lite_r['collect_s']:.0f} s, "
                       f"fit {lite_r.get('fit_settings') or 'defaults'}; test split:", "",
                   "| tolerance | exits | flops_fraction | agreement | top-1 backbone / early exit | "
                   "latency ratio b1 / b32 | fit time |", "|---|---|---|---|---|---|---|"]
         for t, run in lite_r["runs"].items():
             e = run["evaluation"]
+            top1 = "n/a (unlabelled)" if e["accuracy_backbone"] is None else \
+                f"{e['accuracy_backbone']:.3f} / {e['accuracy_early_exit']:.3f}"
             lines.append(f"| {float(t):.0%} | {', '.join(run['exits']) or 'none'} | {e['flops_fraction']:.3f} | "
-                         f"{e['agreement']:.4f} | {e['accuracy_backbone']:.3f} / {e['accuracy_early_exit']:.3f} | "
+                         f"{e['agreement']:.4f} | {top1} | "
                          f"{e['latency_ratio_b1']:.3f} / {e['latency_ratio_b32']:.3f} | {run['fit_s']:.0f} s |")
         agreements = next(iter(lite_r["runs"].values())).get("head_agreement") or {}
         if agreements:
@@ -299,6 +325,9 @@ def main() -> None:
     p.add_argument("--ratio-images", type=int, default=64, help="photos for the recording/plain ratio")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lite-images", type=int, default=1000, help="photos of the lite part (the first N)")
+    p.add_argument("--lite-data", type=Path, default=PHOTOS,
+                   help="image folder of the lite and serve parts (default: the shared ImageNet photos; another "
+                        "folder gives a seeded --lite-images of its photos, unlabelled)")
     p.add_argument("--reuse-medial", action="store_true", help="lite: fit on --out's medial dataset, if there")
     p.add_argument("--lite-method", help="lite: FitConfig method (default: certified)")
     p.add_argument("--lite-margin", type=float, help="lite: FitConfig near_chance_margin (-1 keeps every head)")
@@ -336,13 +365,15 @@ def main() -> None:
             if "lite" in parts or not bundle5.is_dir():
                 settings = {k: v for k, v in (("method", args.lite_method), ("near_chance_margin", args.lite_margin))
                             if v is not None}
-                results["lite"] = lite(out, args.batch_size, args.seed, args.lite_images, args.reuse_medial, settings)
+                results["lite"] = lite(out, args.batch_size, args.seed, args.lite_images, args.reuse_medial, settings,
+                                       args.lite_data)
                 results["lite"]["fit_settings"] = settings
                 print(table({"lite": results["lite"]}), f"({time.perf_counter() - started:.0f} s)", flush=True)
             if "serve" in parts and not bundle5.is_dir():
                 raise SystemExit(f"no 5% bundle to serve: the fit kept no head ({results.get('lite')})")
             if "serve" in parts:
-                results["serve"] = {mode: serve(bundle5, args.requests, mode == "raw") for mode in ("raw", "multipart")}
+                results["serve"] = {mode: serve(bundle5, args.requests, mode == "raw", args.lite_data)
+                                    for mode in ("raw", "multipart")}
         if "rss" in parts:
             results["rss_model"] = args.rss_model
             results["rss"] = rss(args.rss_model, [int(v) for v in args.rss_sizes.split(",")], args.batch_size)

@@ -111,3 +111,22 @@ def test_collect_fit_evaluate_save_load_serve_on_real_photos(lite, tmp_path):
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def test_real_size_lite_part_on_another_folder(shared):
+    """``real_size.py --lite-data DIR``: a seeded subset of another folder's photos at 224, unlabelled (its
+    folders are not ImageNet classes), and the lite table says so instead of printing a top-1."""
+    real_size = benchmark_scripts.load("real_size")
+    from selfxit.zoo import ModelInfo
+    info = ModelInfo("efficientnet_lite0", (3, 224, 224), 256, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1000)
+    folder = shared / "data" / "cifar10-test"
+    data = real_size.Unlabelled(info, folder, 7, seed=3)
+    again = real_size.Unlabelled(info, folder, 7, seed=3)
+    assert len(data) == 7 and data.images.paths == again.images.paths
+    x, label = data[0]
+    assert x.shape == (3, 224, 224) and label == -1
+    run = {"fit_s": 1.0, "exits": ["_blocks.9"], "head_agreement": {},
+           "evaluation": {"flops_fraction": 0.9, "agreement": 0.96, "accuracy_backbone": None,
+                          "accuracy_early_exit": None, "latency_ratio_b1": 0.95, "latency_ratio_b32": 0.9}}
+    text = real_size.table({"lite": {"images": 7, "collect_s": 1.0, "runs": {"0.05": run}, "data": str(folder)}})
+    assert "n/a (unlabelled)" in text and "_blocks.9" in text and str(folder) in text
