@@ -22,6 +22,10 @@ Pieces (all opt-in ``FitConfig`` fields; see ``selfxit/fit/cascade.py``):
 - ``cascade_all_heads``: a measurement only: a chain over every trained head;
 - ``cap3``, ``cap5``, ``uncapped``: today's ``FitConfig()`` with at most 3 or 5 active exits, or no cap (the
   default is 4);
+- ``kd_t2``, ``kd_t4``, ``epochs30``, ``hidden512``, ``pool2``: the default heads trained otherwise (on the default medial
+  dataset, each piece its own heads, trained once and reused at the next tolerance): KD temperature 2 or 4
+  (``DistillConfig.temperature``), 30 epochs instead of 15, a 512-wide hidden layer instead of 256; ``pool2``: maps
+  pooled to 2x2 instead of 4x4 (a quarter of the first layer's weights: the heads' fixed CPU cost);
 - ``mixup``, ``cutmix``, ``jitter``, ``augment_all`` (today's ``FitConfig()`` on a medial dataset recorded with
   more label-free train rows, :class:`selfxit.fit.augment.AugmentConfig`): one mixup copy, one cutmix copy, colour
   jitter 0.4 on the copies, or all three, each besides the 2 flip/shift copies of the default; ``copies3``: a
@@ -62,6 +66,7 @@ from selfxit.evaluate.evaluation import evaluate  # noqa: E402
 from selfxit.fit import cascade as chaining  # noqa: E402
 from selfxit.fit.augment import AugmentConfig  # noqa: E402
 from selfxit.fit.config import FitConfig  # noqa: E402
+from selfxit.fit.distill import DistillConfig  # noqa: E402
 from selfxit.fit.medial import MedialDataset  # noqa: E402
 from selfxit.zoo import load_backbone  # noqa: E402
 from selfxit.zoo.data import ImageFolderData, default_traffic_dir, split_indices  # noqa: E402
@@ -80,6 +85,12 @@ PIECES["cascade_all_heads"] = dict(PIECES["cascade"])
 PIECES["cap3"] = {"max_exits": 3}
 PIECES["cap5"] = {"max_exits": 5}
 PIECES["uncapped"] = {"max_exits": None}
+# the heads trained otherwise on the default medial dataset: each such piece trains its own heads once
+HEAD_PIECES = {"kd_t2": {"distill": DistillConfig(temperature=2.0)}, "kd_t4": {"distill": DistillConfig(temperature=4.0)},
+               "epochs30": {"distill": DistillConfig(epochs=30)},
+               "hidden512": {"heads": {"kind": "pool_mlp", "pool": 4, "hidden": [512]}},
+               "pool2": {"heads": {"kind": "pool_mlp", "pool": 2, "hidden": [256]}}}
+PIECES.update(HEAD_PIECES)
 # label-free augmentation of the train rows (recorded, so each gets its own medial dataset and heads): piece ->
 # AugmentConfig; every other piece records the default (2 flip/shift copies)
 AUGMENTATIONS = {
@@ -180,6 +191,7 @@ def main() -> None:
         test_loader = torch.utils.data.DataLoader(test, batch_size=64)
         runs = results["seeds"].setdefault(str(seed), {"record_seconds": record_s})
         base: list = []  # the independent heads of the first fit, reused by every piece (as enable would train them)
+        own: dict = {}  # HEAD_PIECES: piece -> its own heads, trained at its first tolerance
         recorded: AugmentConfig | None = AugmentConfig()  # the augmentation of the medial dataset ee holds
         for piece in pieces:
             augmentation = AUGMENTATIONS.get(piece, AugmentConfig())
@@ -190,14 +202,21 @@ def main() -> None:
                       f"{piece_record_s:.0f} s", flush=True)
                 recorded, base = augmentation, []
             for tolerance in tolerances:
-                if base:
+                settings = dict(PIECES[piece])
+                if piece in own:
+                    ee.set_records(own[piece])
+                elif piece in HEAD_PIECES:
+                    settings["retrain"] = True  # its own heads, not the default ones held now
+                elif base:
                     ee.set_records(base)
                 start = time.perf_counter()
                 with variant(piece):
-                    report = ee.fit(tolerance, config=FitConfig(**PIECES[piece]), progress=False)
+                    report = ee.fit(tolerance, config=FitConfig(**settings), progress=False)
                 fit_s = time.perf_counter() - start
-                trained_heads = not base
-                if not base:
+                trained_heads = (not base and piece not in own) or settings.get("retrain", False)
+                if piece in HEAD_PIECES and piece not in own:
+                    own[piece] = [dataclasses.replace(r, threshold=None) for r in ee.records.values()]
+                if not base and piece not in HEAD_PIECES:
                     base = [dataclasses.replace(r, threshold=None) for r in ee.records.values()]
                     if augmentation == AugmentConfig():
                         runs["heads_seconds"] = fit_s  # training the independent heads, counted once in enable
