@@ -173,7 +173,7 @@ def lite(out: Path, batch_size: int, seed: int, images: int, reuse: bool, fit_se
     from selfxit.evaluate.evaluation import evaluate
     from selfxit.fit.medial import MedialDataset
     model, info = load_lite0()
-    if root == PHOTOS:
+    if Path(root).resolve() == PHOTOS.resolve():
         data = torch.utils.data.Subset(Labelled(info), range(min(images, len(Labelled(info)))))
     else:
         data = Unlabelled(info, root, images, seed)
