@@ -37,10 +37,13 @@ class DistillConfig:
     temperature: float = 1.0
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0 or self.memory_mb < 0 \
-                or not self.temperature > 0:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise ValueError(f"DistillConfig temperature must be a finite number > 0 (1: plain KL to the softmax); "
+                             f"got {t!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0 or self.memory_mb < 0:
             raise ValueError(f"invalid DistillConfig {self}: epochs and batch_size >= 1, lr > 0, weight_decay >= 0, "
-                             "memory_mb >= 0, temperature > 0")
+                             "memory_mb >= 0")
 
 
 @contextlib.contextmanager

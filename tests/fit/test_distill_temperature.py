@@ -49,9 +49,10 @@ def test_train_body_minimises_tau_squared_kl_between_softened_softmaxes(temperat
 
 
 def test_temperature_is_validated_at_the_boundary():
-    with pytest.raises(ValueError, match="temperature > 0"):
-        DistillConfig(temperature=0)
-    with pytest.raises(FitConfigError, match="distill"):
-        FitConfig.from_dict({"distill": {"temperature": -2}})
+    for bad in (0, -2, float("inf"), float("nan"), "2", True):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            DistillConfig(temperature=bad)
+    with pytest.raises(FitConfigError, match="distill: DistillConfig temperature must be"):
+        FitConfig.from_dict({"distill": {"temperature": "hot"}})
     assert FitConfig.from_dict({"distill": {"temperature": 2}}).distill.temperature == 2
     assert DistillConfig().temperature == 1.0
