@@ -1,7 +1,7 @@
 """What limits early exits on the shared ResNet-56: how well each exit head agrees with the backbone, and how
 many samples it could answer within a tolerance even if its threshold were tuned on the test split itself.
 
-    .venv/bin/python benchmarks/head_ceiling.py [--medial DIR] [--variants layer2,layer3.2] [--threads 2]
+    .venv/bin/python benchmarks/head_ceiling.py [--medial DIR] [--variants layer2.0,layer3.3] [--threads 2]
 
 ``--medial`` reuses a medial dataset of ResNet-56 recorded on all shared images with seed 0 (else one is
 recorded into a temporary folder, ~2 min). Per candidate layer, a default head is distilled on *train*,
@@ -134,7 +134,7 @@ def measure(medial: MedialDataset, layer: str, spec: dict, train_rows: np.ndarra
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--medial", type=Path, help="recorded medial dataset of ResNet-56 on all shared images")
-    parser.add_argument("--variants", default="layer2,layer3.2",
+    parser.add_argument("--variants", default="layer2.0,layer3.3",
                         help="layers on which to also train the no-augmentation and conv-head variants ('' for none)")
     parser.add_argument("--tolerances", default="0.01,0.05")
     parser.add_argument("--seed", type=int, default=0)
