@@ -22,10 +22,11 @@ Pieces (all opt-in ``FitConfig`` fields; see ``selfxit/fit/cascade.py``):
 - ``cascade_all_heads``: a measurement only: a chain over every trained head;
 - ``cap3``, ``cap5``, ``uncapped``: today's ``FitConfig()`` with at most 3 or 5 active exits, or no cap (the
   default is 4);
-- ``kd_t2``, ``kd_t4``, ``epochs30``, ``hidden512``, ``pool2``: the default heads trained otherwise (on the default medial
+- ``kd_t2``, ``kd_t4``, ``epochs30``, ``hidden512``, ``pool2``, ``conv_late``: the default heads trained otherwise (on the default medial
   dataset, each piece its own heads, trained once and reused at the next tolerance): KD temperature 2 or 4
   (``DistillConfig.temperature``), 30 epochs instead of 15, a 512-wide hidden layer instead of 256; ``pool2``: maps
-  pooled to 2x2 instead of 4x4 (a quarter of the first layer's weights: the heads' fixed CPU cost);
+  pooled to 2x2 instead of 4x4 (a quarter of the first layer's weights: the heads' fixed CPU cost); ``conv_late``
+  (ResNet-56): a conv head (64 channels, 3x3, then 2x2 pooling and the MLP) at ``layer3.1/3.3/3.6``;
 - ``mixup``, ``cutmix``, ``jitter``, ``augment_all`` (today's ``FitConfig()`` on a medial dataset recorded with
   more label-free train rows, :class:`selfxit.fit.augment.AugmentConfig`): one mixup copy, one cutmix copy, colour
   jitter 0.4 on the copies, or all three, each besides the 2 flip/shift copies of the default; ``copies3``: a
@@ -89,7 +90,10 @@ PIECES["uncapped"] = {"max_exits": None}
 HEAD_PIECES = {"kd_t2": {"distill": DistillConfig(temperature=2.0)}, "kd_t4": {"distill": DistillConfig(temperature=4.0)},
                "epochs30": {"distill": DistillConfig(epochs=30)},
                "hidden512": {"heads": {"kind": "pool_mlp", "pool": 4, "hidden": [512]}},
-               "pool2": {"heads": {"kind": "pool_mlp", "pool": 2, "hidden": [256]}}}
+               "pool2": {"heads": {"kind": "pool_mlp", "pool": 2, "hidden": [256]}},
+               # ResNet-56 only: conv heads (head_ceiling.py's CONV_HEAD) at the three layer3 candidates, default elsewhere
+               "conv_late": {"heads": {layer: {"kind": "conv_linear", "convs": [{"out": 64, "kernel": 3, "stride": 1}],
+                                               "pool": 2, "hidden": [256]} for layer in ("layer3.1", "layer3.3", "layer3.6")}}}
 PIECES.update(HEAD_PIECES)
 # label-free augmentation of the train rows (recorded, so each gets its own medial dataset and heads): piece ->
 # AugmentConfig; every other piece records the default (2 flip/shift copies)
