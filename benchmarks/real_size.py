@@ -324,7 +324,7 @@ def main() -> None:
     p.add_argument("--models", default=",".join(COST_MODELS), help="models of the cost part")
     p.add_argument("--ratio-images", type=int, default=64, help="photos for the recording/plain ratio")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lite-images", type=int, default=1000, help="photos of the lite part (the first N)")
+    p.add_argument("--lite-images", type=int, default=1000, help="photos of the lite part (the first N shared photos, or a seeded N of --lite-data's)")
     p.add_argument("--lite-data", type=Path, default=PHOTOS,
                    help="image folder of the lite and serve parts (default: the shared ImageNet photos; another "
                         "folder gives a seeded --lite-images of its photos, unlabelled)")

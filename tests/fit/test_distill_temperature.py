@@ -45,6 +45,9 @@ def _one_step(temperature: float, manual: bool) -> torch.Tensor:
 def test_train_body_minimises_tau_squared_kl_between_softened_softmaxes(temperature):
     torch.testing.assert_close(_one_step(temperature, manual=False), _one_step(temperature, manual=True),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_the_temperature_changes_the_step():
     assert not torch.allclose(_one_step(3.0, manual=False), _one_step(1.0, manual=False))
 
 
