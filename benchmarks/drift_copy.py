@@ -7,6 +7,10 @@ target for every head and for the copy's final output. Per setting it reports, o
 images, how often the copy's final answer agrees with the original's (the drift a mixed regime's final exit
 starts from: it must stay above 1 - T before any exit fires), and each head's agreement with the original,
 next to the same heads trained on the frozen original (the frozen regime) for the same epochs.
+
+``measure_mixed`` (``savings.py --mixed``) goes further: it starts the joint training from the frozen regime's
+trained heads (cold heads pull the copy's early blocks hard while they are still wrong), and certifies each result
+the way ``fit`` does, with the copy's final answers counted against the tolerance.
 """
 from __future__ import annotations
 
@@ -160,3 +164,195 @@ def measure_drift(model: nn.Module, traffic, seed: int, layers: list[str], epoch
         print(f"  drift: {name:<70} final agreement {row['final_agreement']:.4f}  heads "
               f"{ {k: round(v, 3) for k, v in row['head_agreement'].items()} }  ({row['seconds']:.0f} s)", flush=True)
     return results
+
+
+# --- The mixed regime end to end: warm-started heads, the copy's final exit counted, certified ----------------------
+
+@dataclass
+class Joint:
+    """One way of fine-tuning the copy jointly with its heads, starting from the frozen regime's trained heads."""
+
+    name: str
+    lr: float = 1e-4  # SGD with momentum 0.9 on the copy's weights (BatchNorm statistics stay the original's)
+    epochs: int = 2
+    l2sp: float = 0.01  # weight of sum ||w - w_original||^2 (L2-SP)
+    final_weight: float = 5.0  # weight of the copy's final KL; each head's KL has weight ``head_weight``
+    head_weight: float = 1.0
+    head_lr: float = 1e-4  # AdamW on the heads (they start trained)
+    up_to_last_exit: bool = False  # only blocks up to the frozen design's last exit train
+    more_rows: bool = False  # each batch also gets a mixup, a cutmix and a jittered copy (the original labels them)
+
+
+JOINTS = [
+    Joint("lr 1e-4, L2-SP 0.01, final KL x5"),
+    Joint("lr 1e-3, L2-SP 0.01, final KL x5", lr=1e-3),
+    Joint("lr 1e-4, L2-SP 0.01, final KL x20, heads x0.25", final_weight=20.0, head_weight=0.25),
+    Joint("lr 1e-4, L2-SP 0.01, final KL x5, only blocks up to the last exit", up_to_last_exit=True),
+    Joint("lr 1e-4, L2-SP 0.01, final KL x5, + mixup/cutmix/jitter rows", more_rows=True),
+    Joint("lr 3e-5, L2-SP 0.01, final KL x20, heads x0.25", lr=3e-5, final_weight=20.0, head_weight=0.25),
+]
+
+
+def _scores(model: nn.Module, heads: list[nn.Module], layers: list[str], x: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """Each head's logits and the model's final top-1 on ``x`` (no augmentation, eval mode)."""
+    acts, hooks = _capture(model, layers)
+    model.eval()
+    logits: list[list] = [[] for _ in layers]
+    finals = []
+    with torch.no_grad():
+        for start in range(0, len(x), 256):
+            finals.append(model(x[start:start + 256]).argmax(1))
+            for k, name in enumerate(layers):
+                logits[k].append(heads[k](acts[name]))
+    for h in hooks:
+        h.remove()
+    return [torch.cat(v) for v in logits], torch.cat(finals)
+
+
+def _stats(logits: list, temperatures: list[float], top1: torch.Tensor, final_agree: torch.Tensor | None,
+           head_flops: np.ndarray, remaining: np.ndarray, total: float):
+    """ExitStats of the heads; with ``final_agree``, a last always-firing exit that costs nothing beyond the
+    backbone and carries the copy's final disagreements (what a mixed regime answers where no head fires)."""
+    from selfxit.fit.select import ExitStats
+
+    conf = [(lg / t).softmax(1).max(1).values.double().numpy() for lg, t in zip(logits, temperatures)]
+    agree = [(lg.argmax(1) == top1).numpy() for lg in logits]
+    flops, rest = head_flops, remaining
+    if final_agree is not None:
+        conf, agree = conf + [np.ones(len(top1))], agree + [final_agree.numpy()]
+        flops, rest = np.append(head_flops, 0.0), np.append(remaining, 0.0)
+    return ExitStats(np.stack(conf), np.stack(agree), flops, rest, total)
+
+
+def _certified(splits: dict, tolerance: float, delta: float, max_exits: int) -> dict:
+    """The product's certified design (shape on *tune*, Learn-then-Test on *val*) with the final exit counted:
+    the shape is designed on the heads at the tolerance less the copy's final disagreement rate on *tune*, and
+    every tested cascade carries the always-firing final exit, so the binomial test on *val* covers the whole
+    cascade, the copy's final answers included. Measured on *test*."""
+    from selfxit.fit.select import OFF, SCALES, certify, design_shape, evaluate_cascade, scaled_path
+
+    heads_tune, ext = splits["tune"][0], {s: v[1] for s, v in splits.items()}
+    final_drop = 1.0 - float(ext["tune"].agree[-1].mean())
+    budget = tolerance - final_drop
+    shape = (design_shape(heads_tune, budget, max_exits) if budget > 0 else np.full(heads_tune.num_exits, OFF))
+    path = [evaluate_cascade(ext["tune"], np.append(p.thresholds, 0.0)) for p in scaled_path(heads_tune, shape)]
+    cert = certify(path, ext["val"], tolerance, delta, scales=SCALES)
+    test = evaluate_cascade(ext["test"], cert.chosen.thresholds)
+    return {"flops_fraction": test.flops_fraction, "agreement": 1.0 - test.drop, "scale": cert.scale,
+            "thresholds": [float(t) for t in cert.chosen.thresholds[:-1]],
+            "exits": [int(k) for k in np.flatnonzero(np.isfinite(cert.chosen.thresholds[:-1]))]}
+
+
+def _train_joint(student: nn.Module, heads: list[nn.Module], layers: list[str], train_x: torch.Tensor,
+                 original: nn.Module, joint: Joint, last_exit: str, seed: int) -> None:
+    from selfxit.fit.augment import AugmentConfig, augmented_copies
+
+    generator = torch.Generator().manual_seed(seed)
+    acts, hooks = _capture(student, layers)
+    names = [n for n, _ in student.named_modules()]
+    trainable = []
+    for name, p in student.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        p.requires_grad_(not joint.up_to_last_exit or names.index(module) <= names.index(last_exit) or
+                         module.startswith(last_exit + "."))
+        if p.requires_grad:
+            trainable.append(p)
+    start_weights = [p.detach().clone() for p in trainable]
+    student.eval()  # frozen BatchNorm statistics
+    backbone_opt = torch.optim.SGD(trainable, lr=joint.lr, momentum=0.9)
+    head_params = [p for h in heads for p in h.parameters()]
+    for p in head_params:
+        p.requires_grad_(True)
+    head_opt = torch.optim.AdamW(head_params, lr=joint.head_lr, weight_decay=5e-4)
+    extra = AugmentConfig(copies=1, mixup=1, cutmix=1, jitter=0.4)
+    for _ in range(joint.epochs):
+        for batch in _batches(len(train_x), 128, generator):
+            x = augment(train_x[batch], generator)
+            if joint.more_rows:
+                x = torch.cat([x] + [c for c, _ in augmented_copies(train_x[batch], generator, extra)])
+            with torch.no_grad():
+                target = original(x).softmax(1)
+            loss = joint.final_weight * _kl(student(x), target)
+            loss = loss + joint.head_weight * sum(_kl(h(acts[n]), target) for h, n in zip(heads, layers))
+            if joint.l2sp:
+                loss = loss + joint.l2sp * sum(((p - p0) ** 2).sum() for p, p0 in zip(trainable, start_weights))
+            backbone_opt.zero_grad()
+            head_opt.zero_grad()
+            loss.backward()
+            backbone_opt.step()
+            head_opt.step()
+    for h in hooks:
+        h.remove()
+
+
+def measure_mixed(ee, traffic, seed: int, tolerances=(0.01, 0.05), joints=JOINTS, max_train: int | None = None,
+                  delta: float = 0.1, max_exits: int = 4) -> dict:
+    """The mixed regime against the frozen one with the same heads, certified the same way (see :func:`_certified`).
+
+    ``ee`` holds the frozen regime's trained heads (a fit on its medial dataset of ``traffic`` with ``seed``). Each
+    joint setting copies the backbone and those heads, fine-tunes both on the *train* images, recalibrates the
+    heads on *tune* and certifies on *val*; the frozen row is the same heads on the untouched backbone. Reported on
+    *test*: the copy's final agreement with the original, and per tolerance the certified FLOPs and agreement.
+    """
+    from selfxit.fit.calibrate import fit_temperature
+    from selfxit.fit.medial import SPLITS
+    from selfxit.fit.record import assign_splits
+
+    records = [r for r in ee.records.values()]
+    if not records:
+        raise ValueError("measure_mixed needs the frozen regime's heads: fit ee first")
+    layers = [r.layer for r in records]
+    remaining = {c.name: c.remaining_flops for c in ee.candidates}
+    head_flops = np.array([r.head_flops for r in records], dtype=np.float64)
+    rest = np.array([remaining[n] for n in layers], dtype=np.float64)
+    total = float(ee.backbone_flops)
+    codes = assign_splits(len(traffic), seed)
+    rows = {s: np.flatnonzero(codes == SPLITS[s]) for s in ("train", "tune", "val", "test")}
+    if max_train:
+        rows["train"] = rows["train"][:max_train]
+    x = {s: _images(traffic, r) for s, r in rows.items()}
+    original = ee.backbone.eval()
+    with torch.no_grad():
+        top1 = {s: torch.cat([original(v[i:i + 256]).argmax(1) for i in range(0, len(v), 256)])
+                for s, v in x.items() if s != "train"}
+
+    def evaluate_model(model: nn.Module, heads: list[nn.Module], mixed: bool) -> dict:
+        scored = {s: _scores(model, heads, layers, x[s]) for s in ("tune", "val", "test")}
+        temps = [fit_temperature(lg, top1["tune"]) for lg in scored["tune"][0]]
+        splits = {}
+        for s, (logits, final) in scored.items():
+            final_agree = final == top1[s] if mixed else torch.ones(len(final), dtype=torch.bool)
+            splits[s] = (_stats(logits, temps, top1[s], None, head_flops, rest, total),
+                         _stats(logits, temps, top1[s], final_agree, head_flops, rest, total))
+        row = {"final_agreement": {s: float(v[1].agree[-1].mean()) for s, v in splits.items()},
+               "head_agreement": {n: float(splits["test"][0].agree[k].mean()) for k, n in enumerate(layers)}}
+        for tol in tolerances:
+            row[f"{tol:g}"] = _certified(splits, tol, delta, max_exits)
+        return row
+
+    torch.manual_seed(seed)
+    frozen_heads = [copy.deepcopy(r.head).eval() for r in records]
+    results: dict = {"train_images": len(x["train"]), "layers": layers, "settings": {}}
+    start = time.perf_counter()
+    results["settings"]["frozen regime (the fit's heads)"] = row = evaluate_model(original, frozen_heads, False)
+    row["seconds"] = time.perf_counter() - start
+    _print_mixed("frozen regime (the fit's heads)", row, tolerances, layers)
+    first = row[f"{tolerances[0]:g}"]["exits"]
+    last_exit = layers[max(first)] if first else layers[-1]
+    for joint in joints:
+        start = time.perf_counter()
+        student, heads = copy.deepcopy(original), [copy.deepcopy(h) for h in frozen_heads]
+        _train_joint(student, heads, layers, x["train"], original, joint, last_exit, seed)
+        row = evaluate_model(student, heads, True)
+        row["seconds"] = time.perf_counter() - start
+        row["setting"] = asdict(joint)
+        results["settings"][joint.name] = row
+        _print_mixed(joint.name, row, tolerances, layers)
+    return results
+
+
+def _print_mixed(name: str, row: dict, tolerances, layers: list[str]) -> None:
+    figures = "  ".join(f"T={t:g}: flops {row[f'{t:g}']['flops_fraction']:.3f} agreement "
+                        f"{row[f'{t:g}']['agreement']:.4f}" for t in tolerances)
+    print(f"  mixed: {name:<70} final agreement (test) {row['final_agreement']['test']:.4f}  {figures}  "
+          f"({row['seconds']:.0f} s)", flush=True)

@@ -42,6 +42,13 @@ trains its own heads; its rows report ``record_seconds`` and ``heads_seconds`` o
 original on the train images (frozen BatchNorm statistics, L2-SP, final KL weighted high) and reports
 how often the copy's final answer agrees with the original's on the test split: the drift that a mixed
 regime's final exit would start from, before any exit fires.
+
+``--mixed`` (part B end to end, every seed; ``drift_copy.measure_mixed``): the mixed regime from the default heads
+of the seed, warm-started. Each setting of ``drift_copy.JOINTS`` (``--mixed-settings`` picks some) copies the
+backbone and the heads, fine-tunes both on the *train* images by KL to the original, recalibrates on *tune* and
+certifies on *val* with the copy's final answers counted (the promise covers them: a mixed bundle answers with the
+copy where no head fires). The frozen row is the same heads on the original, certified by the same code. Each row
+gives the copy's final agreement with the original and, per tolerance, flops_fraction and agreement on *test*.
 """
 from __future__ import annotations
 
@@ -167,6 +174,11 @@ def main() -> None:
     parser.add_argument("--drift-images", type=int, default=3000, help="train images the copy is fine-tuned on")
     parser.add_argument("--drift-layers", default="", help="exit layers of the drift heads (default: the default "
                                                               "piece's exits at 1%%)")
+    parser.add_argument("--mixed", action="store_true",
+                        help="part B end to end: the mixed regime from the default heads, certified (every seed)")
+    parser.add_argument("--mixed-settings", default="",
+                        help="which of drift_copy.JOINTS to run with --mixed (default: all)")
+    parser.add_argument("--mixed-epochs", type=int, default=None, help="override each joint setting's epochs")
     parser.add_argument("--model", default="cifar_resnet56", choices=["cifar_resnet56", "cifar_resnet20"])
     parser.add_argument("--keep-medial", action="store_true",
                         help="keep the augmented pieces' medial datasets (default: removed after their piece)")
@@ -260,9 +272,26 @@ def main() -> None:
             runs["drift"] = measure_drift(model, traffic, seed, layers, epochs=args.drift_epochs,
                                           max_train=args.drift_images, frozen=-1 in chosen,
                                           settings=[SETTINGS[i] for i in chosen if i >= 0])
+        if args.mixed:
+            runs["mixed"] = _mixed(ee, traffic, seed, base, tolerances, args)
     _summary(results, pieces, tolerances)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=float))
+
+
+def _mixed(ee, traffic, seed: int, base: list, tolerances: list[float], args) -> dict:
+    """Part B end to end (``drift_copy.measure_mixed``) from the default heads of this seed (trained here if no
+    default piece ran)."""
+    from drift_copy import JOINTS, measure_mixed  # benchmarks/drift_copy.py
+
+    if base and not any(r.gate is not None for r in base):
+        ee.set_records(base)
+    else:
+        ee.fit(tolerances[0], progress=False)
+    joints = [JOINTS[int(i)] for i in args.mixed_settings.split(",") if i] or list(JOINTS)
+    if args.mixed_epochs is not None:
+        joints = [dataclasses.replace(j, epochs=args.mixed_epochs) for j in joints]
+    return measure_mixed(ee, traffic, seed, tolerances, joints)
 
 
 def per_exit(ee, loader, tolerance: float) -> dict:
