@@ -9,8 +9,8 @@ starts from: it must stay above 1 - T before any exit fires), and each head's ag
 next to the same heads trained on the frozen original (the frozen regime) for the same epochs.
 
 ``measure_mixed`` (``savings.py --mixed``) goes further: it starts the joint training from the frozen regime's
-trained heads (cold heads pull the copy's early blocks hard while they are still wrong), and certifies each result
-the way ``fit`` does, with the copy's final answers counted against the tolerance.
+trained heads (so the joint phase is judged by what it adds to them), and certifies each result the way ``fit``
+does, with the copy's final answers counted against the tolerance.
 """
 from __future__ import annotations
 
