@@ -63,6 +63,19 @@ def _capture(model: nn.Module, layers: list[str]):
     return out, hooks
 
 
+def _trainable(model: nn.Module, up_to: str | None) -> list[nn.Parameter]:
+    """The copy's parameters that train (``requires_grad`` set accordingly): all, or with ``up_to`` only those of
+    modules up to and including that layer in module order (the later blocks stay the original's)."""
+    names = [n for n, _ in model.named_modules()]
+    trainable = []
+    for name, p in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        p.requires_grad_(up_to is None or names.index(module) <= names.index(up_to) or module.startswith(up_to + "."))
+        if p.requires_grad:
+            trainable.append(p)
+    return trainable
+
+
 def _batches(n: int, size: int, generator: torch.Generator):
     order = torch.randperm(n, generator=generator)
     return [order[i:i + size] for i in range(0, n, size)]
@@ -101,13 +114,7 @@ def _train(model, heads, layers, train_x, original: nn.Module, setting: Setting 
     trainable = []
     if setting is not None:
         last = max(layers, key=list(dict(model.named_modules())).index)
-        names = [n for n, _ in model.named_modules()]
-        for name, p in model.named_parameters():
-            module = name.rsplit(".", 1)[0]
-            p.requires_grad_(not setting.up_to_last_exit or names.index(module) <= names.index(last) or
-                             module.startswith(last + "."))
-            if p.requires_grad:
-                trainable.append(p)
+        trainable = _trainable(model, last if setting.up_to_last_exit else None)
         start_weights = [p.detach().clone() for p in trainable]
         model.train(not setting.frozen_bn)
         groups = [{"params": trainable, "lr": setting.lr}, {"params": heads.parameters(), "lr": 10 * setting.lr}]
@@ -249,14 +256,7 @@ def _train_joint(student: nn.Module, heads: list[nn.Module], layers: list[str], 
 
     generator = torch.Generator().manual_seed(seed)
     acts, hooks = _capture(student, layers)
-    names = [n for n, _ in student.named_modules()]
-    trainable = []
-    for name, p in student.named_parameters():
-        module = name.rsplit(".", 1)[0]
-        p.requires_grad_(not joint.up_to_last_exit or names.index(module) <= names.index(last_exit) or
-                         module.startswith(last_exit + "."))
-        if p.requires_grad:
-            trainable.append(p)
+    trainable = _trainable(student, last_exit if joint.up_to_last_exit else None)
     start_weights = [p.detach().clone() for p in trainable]
     student.eval()  # frozen BatchNorm statistics
     backbone_opt = torch.optim.SGD(trainable, lr=joint.lr, momentum=0.9)

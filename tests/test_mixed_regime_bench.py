@@ -100,3 +100,12 @@ def test_mixed_regime_end_to_end_on_the_shared_resnet20(drift_copy, shared, tmp_
         assert 0.0 < row["0.05"]["flops_fraction"] <= 1.0 + 1e-9
         assert set(row["head_agreement"]) == set(results["layers"])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the teacher stays frozen
+
+
+def test_only_blocks_up_to_the_last_exit_train(drift_copy):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU()),
+                                torch.nn.Linear(3, 2))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in drift_copy._trainable(model, "1")} == {"0.weight", "0.bias", "1.0.weight", "1.0.bias"}
+    assert not model[2].weight.requires_grad and model[1][0].weight.requires_grad
+    assert len(drift_copy._trainable(model, None)) == 6 and model[2].weight.requires_grad
