@@ -216,19 +216,24 @@ def _scores(model: nn.Module, heads: list[nn.Module], layers: list[str], x: torc
     return [torch.cat(v) for v in logits], torch.cat(finals)
 
 
-def _stats(logits: list, temperatures: list[float], top1: torch.Tensor, final_agree: torch.Tensor | None,
-           head_flops: np.ndarray, remaining: np.ndarray, total: float):
-    """ExitStats of the heads; with ``final_agree``, a last always-firing exit that costs nothing beyond the
-    backbone and carries the copy's final disagreements (what a mixed regime answers where no head fires)."""
+def _stats(logits: list, temperatures: list[float], top1: torch.Tensor, head_flops: np.ndarray,
+           remaining: np.ndarray, total: float):
+    """ExitStats of the heads: calibrated max-softmax and agreement with the original's top-1."""
     from selfxit.fit.select import ExitStats
 
     conf = [(lg / t).softmax(1).max(1).values.double().numpy() for lg, t in zip(logits, temperatures)]
     agree = [(lg.argmax(1) == top1).numpy() for lg in logits]
-    flops, rest = head_flops, remaining
-    if final_agree is not None:
-        conf, agree = conf + [np.ones(len(top1))], agree + [final_agree.numpy()]
-        flops, rest = np.append(head_flops, 0.0), np.append(remaining, 0.0)
-    return ExitStats(np.stack(conf), np.stack(agree), flops, rest, total)
+    return ExitStats(np.stack(conf), np.stack(agree), head_flops, remaining, total)
+
+
+def _with_final(heads, final_agree: np.ndarray):
+    """``heads`` plus a last exit that always fires (confidence 1, threshold 0), costs nothing beyond the backbone
+    and carries the copy's final disagreements: what a mixed regime answers where no head fires."""
+    from selfxit.fit.select import ExitStats
+
+    n = heads.confidence.shape[1]
+    return ExitStats(np.vstack([heads.confidence, np.ones(n)]), np.vstack([heads.agree, final_agree]),
+                     np.append(heads.head_flops, 0.0), np.append(heads.remaining_flops, 0.0), heads.total_flops)
 
 
 def _certified(splits: dict, tolerance: float, delta: float, max_exits: int) -> dict:
@@ -236,13 +241,13 @@ def _certified(splits: dict, tolerance: float, delta: float, max_exits: int) -> 
     the shape is designed on the heads at the tolerance less the copy's final disagreement rate on *tune*, and
     every tested cascade carries the always-firing final exit, so the binomial test on *val* covers the whole
     cascade, the copy's final answers included. Measured on *test*."""
-    from selfxit.fit.select import OFF, SCALES, certify, design_shape, evaluate_cascade, scaled_path
+    from selfxit.fit.select import OFF, SCALES, certify, design_shape, evaluate_cascade, scaled_thresholds
 
     heads_tune, ext = splits["tune"][0], {s: v[1] for s, v in splits.items()}
     final_drop = 1.0 - float(ext["tune"].agree[-1].mean())
     budget = tolerance - final_drop
     shape = (design_shape(heads_tune, budget, max_exits) if budget > 0 else np.full(heads_tune.num_exits, OFF))
-    path = [evaluate_cascade(ext["tune"], np.append(p.thresholds, 0.0)) for p in scaled_path(heads_tune, shape)]
+    path = [evaluate_cascade(ext["tune"], np.append(scaled_thresholds(shape, s), 0.0)) for s in SCALES]
     cert = certify(path, ext["val"], tolerance, delta, scales=SCALES)
     test = evaluate_cascade(ext["test"], cert.chosen.thresholds)
     return {"flops_fraction": test.flops_fraction, "agreement": 1.0 - test.drop, "scale": cert.scale,
@@ -298,7 +303,7 @@ def measure_mixed(ee, traffic, seed: int, tolerances=(0.01, 0.05), joints=JOINTS
     from selfxit.fit.medial import SPLITS
     from selfxit.fit.record import assign_splits
 
-    records = [r for r in ee.records.values()]
+    records = list(ee.records.values())
     if not records:
         raise ValueError("measure_mixed needs the frozen regime's heads: fit ee first")
     layers = [r.layer for r in records]
@@ -321,22 +326,21 @@ def measure_mixed(ee, traffic, seed: int, tolerances=(0.01, 0.05), joints=JOINTS
         temps = [fit_temperature(lg, top1["tune"]) for lg in scored["tune"][0]]
         splits = {}
         for s, (logits, final) in scored.items():
-            final_agree = final == top1[s] if mixed else torch.ones(len(final), dtype=torch.bool)
-            splits[s] = (_stats(logits, temps, top1[s], None, head_flops, rest, total),
-                         _stats(logits, temps, top1[s], final_agree, head_flops, rest, total))
+            heads_only = _stats(logits, temps, top1[s], head_flops, rest, total)
+            final_agree = (final == top1[s]).numpy() if mixed else np.ones(len(final), dtype=bool)
+            splits[s] = (heads_only, _with_final(heads_only, final_agree))
         row = {"final_agreement": {s: float(v[1].agree[-1].mean()) for s, v in splits.items()},
                "head_agreement": {n: float(splits["test"][0].agree[k].mean()) for k, n in enumerate(layers)}}
         for tol in tolerances:
             row[f"{tol:g}"] = _certified(splits, tol, delta, max_exits)
         return row
 
-    torch.manual_seed(seed)
     frozen_heads = [copy.deepcopy(r.head).eval() for r in records]
     results: dict = {"train_images": len(x["train"]), "layers": layers, "settings": {}}
     start = time.perf_counter()
     results["settings"]["frozen regime (the fit's heads)"] = row = evaluate_model(original, frozen_heads, False)
     row["seconds"] = time.perf_counter() - start
-    _print_mixed("frozen regime (the fit's heads)", row, tolerances, layers)
+    _print_mixed("frozen regime (the fit's heads)", row, tolerances)
     first = row[f"{tolerances[0]:g}"]["exits"]
     last_exit = layers[max(first)] if first else layers[-1]
     for joint in joints:
@@ -347,11 +351,11 @@ def measure_mixed(ee, traffic, seed: int, tolerances=(0.01, 0.05), joints=JOINTS
         row["seconds"] = time.perf_counter() - start
         row["setting"] = asdict(joint)
         results["settings"][joint.name] = row
-        _print_mixed(joint.name, row, tolerances, layers)
+        _print_mixed(joint.name, row, tolerances)
     return results
 
 
-def _print_mixed(name: str, row: dict, tolerances, layers: list[str]) -> None:
+def _print_mixed(name: str, row: dict, tolerances) -> None:
     figures = "  ".join(f"T={t:g}: flops {row[f'{t:g}']['flops_fraction']:.3f} agreement "
                         f"{row[f'{t:g}']['agreement']:.4f}" for t in tolerances)
     print(f"  mixed: {name:<70} final agreement (test) {row['final_agreement']['test']:.4f}  {figures}  "

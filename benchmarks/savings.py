@@ -191,6 +191,8 @@ def main() -> None:
     unknown = sorted(set(pieces) - set(PIECES))
     if unknown:
         raise SystemExit(f"--pieces: unknown {unknown}; choose from {sorted(PIECES)}")
+    if args.mixed and "default" not in pieces and any(p in AUGMENTATIONS for p in pieces):
+        raise SystemExit("--mixed starts from the default heads: add the 'default' piece when augmented pieces run")
     tolerances = [float(t) for t in args.tolerances.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict = {"max_samples": args.max_samples, "seeds": {}}
@@ -208,6 +210,7 @@ def main() -> None:
         runs = results["seeds"].setdefault(str(seed), {"record_seconds": record_s})
         base: list = []  # the independent heads of the first fit, reused by every piece (as enable would train them)
         own: dict = {}  # HEAD_PIECES: piece -> its own heads, trained at its first tolerance
+        default_heads: list = []  # the default piece's heads: what --mixed starts from
         recorded: AugmentConfig | None = AugmentConfig()  # the augmentation of the medial dataset ee holds
         for piece in pieces:
             augmentation = AUGMENTATIONS.get(piece, AugmentConfig())
@@ -232,6 +235,8 @@ def main() -> None:
                 trained_heads = (not base and piece not in own) or settings.get("retrain", False)
                 if piece in HEAD_PIECES and piece not in own:
                     own[piece] = [dataclasses.replace(r, threshold=None) for r in ee.records.values()]
+                if piece == "default" and not default_heads:
+                    default_heads = [dataclasses.replace(r, threshold=None) for r in ee.records.values()]
                 if not base and piece not in HEAD_PIECES:
                     base = [dataclasses.replace(r, threshold=None) for r in ee.records.values()]
                     if augmentation == AugmentConfig():
@@ -273,21 +278,21 @@ def main() -> None:
                                           max_train=args.drift_images, frozen=-1 in chosen,
                                           settings=[SETTINGS[i] for i in chosen if i >= 0])
         if args.mixed:
-            runs["mixed"] = _mixed(ee, traffic, seed, base, tolerances, args)
+            runs["mixed"] = _mixed(ee, traffic, seed, default_heads, tolerances, args)
     _summary(results, pieces, tolerances)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=float))
 
 
-def _mixed(ee, traffic, seed: int, base: list, tolerances: list[float], args) -> dict:
-    """Part B end to end (``drift_copy.measure_mixed``) from the default heads of this seed (trained here if no
-    default piece ran)."""
+def _mixed(ee, traffic, seed: int, default_heads: list, tolerances: list[float], args) -> dict:
+    """Part B end to end (``drift_copy.measure_mixed``) from the default heads of this seed (trained here if the
+    default piece did not run)."""
     from drift_copy import JOINTS, measure_mixed  # benchmarks/drift_copy.py
 
-    if base and not any(r.gate is not None for r in base):
-        ee.set_records(base)
+    if default_heads:
+        ee.set_records(default_heads)
     else:
-        ee.fit(tolerances[0], progress=False)
+        ee.fit(tolerances[0], config=FitConfig(retrain=True), progress=False)
     joints = [JOINTS[int(i)] for i in args.mixed_settings.split(",") if i] or list(JOINTS)
     if args.mixed_epochs is not None:
         joints = [dataclasses.replace(j, epochs=args.mixed_epochs) for j in joints]

@@ -24,23 +24,17 @@ def _heads(n: int, seed: int) -> ExitStats:
     return ExitStats(conf, agree, np.array([1.0, 1.0, 1.0]), np.array([80.0, 50.0, 20.0]), 100.0)
 
 
-def _with_final(heads: ExitStats, final_agree: np.ndarray) -> ExitStats:
-    n = heads.confidence.shape[1]
-    return ExitStats(np.vstack([heads.confidence, np.ones(n)]), np.vstack([heads.agree, final_agree]),
-                     np.append(heads.head_flops, 0.0), np.append(heads.remaining_flops, 0.0), heads.total_flops)
-
-
-def _splits(final_rate: float, sizes=(1000, 2000, 3000), seed: int = 0) -> dict:
+def _splits(drift_copy, final_rate: float, sizes=(1000, 2000, 3000), seed: int = 0) -> dict:
     rng = np.random.default_rng(seed + 100)
     out = {}
     for k, (name, n) in enumerate(zip(("tune", "val", "test"), sizes)):
         heads = _heads(n, seed + k)
-        out[name] = (heads, _with_final(heads, rng.uniform(size=n) >= final_rate))
+        out[name] = (heads, drift_copy._with_final(heads, rng.uniform(size=n) >= final_rate))
     return out
 
 
 def test_without_drift_it_is_the_products_certified_design(drift_copy):
-    splits = _splits(0.0)
+    splits = _splits(drift_copy, 0.0)
     for tolerance in (0.01, 0.05):
         ours = drift_copy._certified(splits, tolerance, 0.1, max_exits=4)
         product = certified_cascade(splits["tune"][0], splits["val"][0], tolerance, 0.1, max_exits=4)
@@ -51,7 +45,7 @@ def test_without_drift_it_is_the_products_certified_design(drift_copy):
 
 
 def test_the_copys_final_disagreements_count_against_the_tolerance(drift_copy):
-    splits = _splits(0.004)
+    splits = _splits(drift_copy, 0.004)
     ours = drift_copy._certified(splits, 0.05, 0.1, max_exits=4)
     assert ours["flops_fraction"] < 1.0
     heads, ext = splits["test"]
@@ -71,7 +65,7 @@ def test_the_copys_final_disagreements_count_against_the_tolerance(drift_copy):
 
 
 def test_a_copy_that_drifts_past_the_tolerance_falls_back_to_the_original(drift_copy):
-    splits = _splits(0.03)  # 3% of the copy's answers differ: beyond a 1% tolerance before any head fires
+    splits = _splits(drift_copy, 0.03)  # 3% of the copy's answers differ: beyond a 1% tolerance before any head fires
     result = drift_copy._certified(splits, 0.01, 0.1, max_exits=4)
     assert result["flops_fraction"] == 1.0 and result["agreement"] == 1.0 and result["exits"] == []
     assert result["scale"] is None
